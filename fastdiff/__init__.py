@@ -1,0 +1,22 @@
+"""fastdiff: fast, reproducible sampling for diffusion models.
+
+Solvers compile to float64 coefficient tables (fastdiff.solvers); one affine executor runs
+any row, in plain PyTorch or as one fused Triton kernel; on CUDA the whole loop is one graph.
+"""
+from .grids import Grid, make_grid
+from .noising import add_noise
+from .sampler import Sampler
+from .schedules import Schedule
+from .solvers import SOLVERS
+
+__version__ = "0.1.0"
+
+
+def load_pretrained(name: str = "digits", **kw):
+    """The embedded models shipped with the package (see fastdiff.models.pretrained)."""
+    from .models.pretrained import load_pretrained as _load
+
+    return _load(name, **kw)
+
+
+__all__ = ["Grid", "Sampler", "Schedule", "SOLVERS", "add_noise", "load_pretrained", "make_grid"]

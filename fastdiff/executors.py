@@ -1,0 +1,130 @@
+"""Executors run one table row on the loop's static buffers: D, guidance, the affine update.
+
+`TorchExecutor` is the affine executor in plain PyTorch (the `torch` backend, and the
+spec the fused kernel is held to); `TritonExecutor` makes the same row one kernel launch.
+Both read per-row constants from host copies of the table (baked into a captured graph)
+and per-sample values (guidance scale, seeds) from device buffers, so nothing syncs.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import rng
+from .guidance import Thresholding, apply_threshold, cfg_combine, dynamic_threshold, per_sample, rescale_factor
+from .solvers.table import NCOL, STREAM_STEP, Z, StepTable, history_slots
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+class TorchExecutor:
+    """x_next = state[r] . [x, D, D_raw, H0, H1, H2, z] in float32 torch ops."""
+
+    def __init__(self, table: StepTable, bufs, threshold: Thresholding, guidance_rescale: float = 0.0):
+        self.table, self.bufs, self.threshold, self.phi = table, bufs, threshold, guidance_rescale
+        self.state = table.state.tolist()
+        self.point = table.point.tolist() if table.point is not None else None
+        self.d_point, self.d_out, self.c_in = table.d_point.tolist(), table.d_out.tolist(), table.c_in.tolist()
+        self.layout = history_slots(table)
+        self.noisy = table.uses_noise().tolist()
+
+    def guided(self, r: int, out: torch.Tensor) -> torch.Tensor:
+        """The model output after classifier-free guidance (and its rescale), float32 [B, ...]."""
+        b = self.bufs
+        if not b.cfg:
+            return out.float()
+        o = cfg_combine(out, b.cfg_w[r])
+        if self.phi:
+            o = o * per_sample(rescale_factor(out, o, self.phi), o.ndim)
+        return o
+
+    def denoised(self, r: int, point: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        D_raw = self.d_point[r] * point + self.d_out[r] * self.guided(r, out)
+        return apply_threshold(D_raw, self.threshold), D_raw
+
+    def step(self, r: int, out: torch.Tensor) -> None:
+        b = self.bufs
+        p = b.point if self.point is not None else b.x
+        D, D_raw = self.denoised(r, p, out)
+        slots, dest = self.layout[r]
+        values = [b.x, D, D_raw] + [b.history[s] for s in slots] + [None] * (3 - len(slots)) + [None]
+        if self.noisy[r]:
+            values[Z] = rng.randn(b.seeds, r, STREAM_STEP, b.x.shape[1:], device=b.x.device)
+        x_next = _affine(self.state[r], values)
+        p_next = _affine(self.point[r], values) if self.point is not None else x_next
+        if dest is not None:
+            b.history[dest].copy_(D)
+        b.x.copy_(x_next)
+        if self.point is not None:
+            b.point.copy_(p_next)
+        if r + 1 < self.table.rows:
+            b.write_model_input(self.c_in[r + 1] * p_next)
+
+
+def _affine(coefs: list[float], values: list) -> torch.Tensor:
+    acc = None
+    for c, v in zip(coefs, values):
+        if c == 0.0:
+            continue
+        if v is None:
+            raise AssertionError("a row reads a history slot that is not filled yet")
+        acc = c * v if acc is None else acc.add_(v, alpha=c)
+    return acc if acc is not None else torch.zeros_like(values[0])
+
+
+def packed_coefficients(table: StepTable, device) -> torch.Tensor:
+    """[R, 3 + 2*NCOL] float32: d_point, d_out, c_in of the next row, state row, point row."""
+    R = table.rows
+    c_in_next = torch.cat([table.c_in[1:], table.c_in.new_zeros(1)])
+    point = table.point if table.point is not None else table.state
+    packed = torch.cat([table.d_point[:, None], table.d_out[:, None], c_in_next[:, None], table.state, point], dim=1)
+    assert packed.shape == (R, 3 + 2 * NCOL)
+    return packed.to(device=device, dtype=torch.float32)
+
+
+class TritonExecutor(TorchExecutor):
+    """The same row as one fused kernel (kernels/affine_step.py); non-affine extras
+    (rescaled CFG, dynamic thresholding) first compute per-sample scalars on the device."""
+
+    def __init__(self, table: StepTable, bufs, threshold: Thresholding, guidance_rescale: float = 0.0):
+        super().__init__(table, bufs, threshold, guidance_rescale)
+        from fastdiff.kernels import affine_step
+
+        self.kernel = affine_step
+        self.coef = packed_coefficients(table, bufs.x.device)
+
+    def step(self, r: int, out: torch.Tensor) -> None:
+        b = self.bufs
+        out_scale = thresh = None
+        if b.cfg and self.phi:
+            out_scale = rescale_factor(out, cfg_combine(out, b.cfg_w[r]), self.phi).contiguous()
+        if self.threshold.dynamic_ratio is not None:
+            p = b.point if self.point is not None else b.x
+            D_raw = self.d_point[r] * p + self.d_out[r] * self.guided(r, out)
+            thresh = dynamic_threshold(D_raw, self.threshold.dynamic_ratio, self.threshold.max_value).contiguous()
+        slots, dest = self.layout[r]
+        self.kernel(
+            r, self.coef, b.x, out.contiguous(),
+            point=b.point, history=[b.history[s] for s in slots],
+            push_dest=b.history[dest] if dest is not None else None,
+            model_in=b.model_in if r + 1 < self.table.rows else None,
+            cfg_w=b.cfg_w[r] if b.cfg else None, seeds=b.seeds,
+            clip=self.threshold.clip if self.threshold.dynamic_ratio is None else None,
+            thresh=thresh, out_scale=out_scale, noise=bool(self.noisy[r]),
+        )
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda":
+        import os
+
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("backend='triton' on a CPU needs Triton's interpreter: set TRITON_INTERPRET=1 "
+                             "before importing triton, or use backend='torch'")
+    return backend
+
+
+EXECUTORS = {"torch": TorchExecutor, "triton": TritonExecutor}

@@ -1,0 +1,105 @@
+"""Step grids: which noise levels a sampler visits, in float64.
+
+A Grid lists, per step i, the model timestep t[i] (fractional for sigma grids), the
+noise level abar[i] the model sees there, and the level abar_to[i] the step lands on.
+Usually abar_to[i] == abar[i+1]; diffusers' DDPM/DDIM instead step to t - T//N (a fixed
+stride), which differs under `trailing`/`linspace` spacing; we reproduce that for them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .schedules import Schedule
+
+F64 = torch.float64
+SPACINGS = ("leading", "trailing", "linspace")
+SIGMA_GRIDS = ("karras", "exponential")
+
+
+@dataclass(frozen=True)
+class Grid:
+    t: torch.Tensor  # [N] model timesteps, decreasing
+    abar: torch.Tensor  # [N] alphas_cumprod at t
+    abar_to: torch.Tensor  # [N] level each step lands on (the last: final_abar)
+
+    @property
+    def steps(self) -> int:
+        return self.t.numel()
+
+    @property
+    def sigma(self) -> torch.Tensor:
+        return ((1 - self.abar) / self.abar).sqrt()
+
+    @property
+    def sigma_to(self) -> torch.Tensor:
+        return ((1 - self.abar_to) / self.abar_to).sqrt()
+
+    def __getitem__(self, sl: slice) -> "Grid":
+        return Grid(self.t[sl], self.abar[sl], self.abar_to[sl])
+
+
+def spaced_timesteps(num_train_timesteps: int, steps: int, spacing: str, steps_offset: int = 0) -> np.ndarray:
+    """Integer timesteps, decreasing, as diffusers' DDPM/DDIM/Euler schedulers space them."""
+    T, N = num_train_timesteps, steps
+    if spacing == "leading":
+        ts = (np.arange(0, N) * (T // N)).round()[::-1].astype(np.int64) + steps_offset
+    elif spacing == "trailing":
+        ts = np.round(np.arange(T, 0, -T / N)).astype(np.int64) - 1
+    elif spacing == "linspace":
+        ts = np.linspace(0, T - 1, N).round()[::-1].astype(np.int64)
+    else:
+        raise ValueError(f"unknown spacing {spacing!r}; allowed: {', '.join(SPACINGS)}")
+    if ts.min() < 0 or ts.max() > T - 1:
+        raise ValueError(f"steps_offset={steps_offset} puts timesteps outside [0, {T - 1}]")
+    return ts.copy()
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7.0) -> torch.Tensor:
+    """Karras et al. 2022, eq. 5: sigma_i^(1/rho) evenly spaced from sigma_max to sigma_min."""
+    ramp = torch.linspace(0, 1, steps, dtype=F64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def exponential_sigmas(sigma_min: float, sigma_max: float, steps: int) -> torch.Tensor:
+    """log sigma evenly spaced from sigma_max to sigma_min."""
+    return torch.linspace(np.log(sigma_max), np.log(sigma_min), steps, dtype=F64).exp()
+
+
+def make_grid(schedule: Schedule, steps: int, *, spacing: str = "trailing", steps_offset: int = 0,
+              sigmas: str | None = None, rho: float = 7.0, final_abar: float = 1.0, stride_prev: bool = False,
+              timesteps=None) -> Grid:
+    """The grid a solver walks. `timesteps` (explicit, decreasing) overrides spacing."""
+    T = schedule.num_train_timesteps
+    abar_train = schedule.alphas_cumprod
+    if timesteps is not None:
+        t = torch.as_tensor(timesteps, dtype=F64).flatten()
+        if t.numel() < 1 or bool((t[1:] >= t[:-1]).any()):
+            raise ValueError("timesteps must be a non-empty, strictly decreasing sequence")
+        if bool((t < 0).any() or (t > T - 1).any()):
+            raise ValueError(f"timesteps must lie in [0, {T - 1}]")
+        abar = schedule.alphas_cumprod_at(t)
+        abar_to = torch.cat([abar[1:], torch.tensor([final_abar], dtype=F64)])
+        return Grid(t, abar, abar_to)
+    if sigmas is not None:
+        if sigmas not in SIGMA_GRIDS:
+            raise ValueError(f"unknown sigma grid {sigmas!r}; allowed: {', '.join(SIGMA_GRIDS)}")
+        lo, hi = schedule.sigma_min, schedule.sigma_max
+        s = karras_sigmas(lo, hi, steps, rho) if sigmas == "karras" else exponential_sigmas(lo, hi, steps)
+        t = schedule.t_at(s)
+        abar = 1.0 / (1.0 + s**2)
+        abar_to = torch.cat([abar[1:], torch.tensor([final_abar], dtype=F64)])
+        return Grid(t, abar, abar_to)
+    ts = spaced_timesteps(T, steps, spacing, steps_offset)
+    t = torch.from_numpy(ts).to(F64)
+    abar = abar_train[ts]
+    if stride_prev:
+        prev = ts - T // steps
+        abar_to = torch.where(torch.from_numpy(prev >= 0), abar_train[np.clip(prev, 0, None)],
+                              torch.tensor(final_abar, dtype=F64))
+    else:
+        abar_to = torch.cat([abar[1:], torch.tensor([final_abar], dtype=F64)])
+    return Grid(t, abar, abar_to)

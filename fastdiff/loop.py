@@ -1,0 +1,138 @@
+"""The sampling loop over static buffers: the exact code a CUDA graph captures.
+
+Everything the loop touches is allocated once (`LoopBuffers`); inputs are copied in
+before a run (`load`), per-row constants are Python floats baked into the code path, and
+per-sample values live in device tensors.  Nothing reads a tensor value on the host:
+the non-finite check keeps the first bad row in a device scalar, read once at the end.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import rng
+from .guidance import classifier_grad
+from .solvers.langevin import step_size
+from .solvers.table import STREAM_CORRECTOR, StepTable
+
+
+class LoopBuffers:
+    """x [B, *S] f32 state; point (separate-point solvers); history ring; model_in [G*B, *S]."""
+
+    def __init__(self, table: StepTable, batch: int, sample_shape, model_dtype, device, cfg: bool, cond_keys=()):
+        f32 = dict(dtype=torch.float32, device=device)
+        shape = (batch, *sample_shape)
+        self.batch, self.cfg = batch, cfg
+        self.x = torch.empty(shape, **f32)
+        self.point = torch.empty(shape, **f32) if table.separate_point else None
+        self.history = [torch.empty(shape, **f32) for _ in range(table.history_len)]
+        G = 2 if cfg else 1
+        self.model_in = torch.empty((G * batch, *sample_shape), dtype=model_dtype, device=device)
+        self.seeds = torch.zeros(batch, dtype=torch.int64, device=device)
+        self.cfg_w = torch.ones((table.rows, batch), **f32) if cfg else None
+        self.t = table.t_model.to(**f32)[:, None].expand(table.rows, G * batch).contiguous()  # [R, G*B]
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self.cond: dict[str, torch.Tensor] = {}
+
+    def write_model_input(self, value: torch.Tensor) -> None:
+        B = self.batch
+        self.model_in[:B].copy_(value)
+        if self.cfg:
+            self.model_in[B:].copy_(value)
+
+    def load(self, x0, seeds, cfg_w, cond: dict, c_in0: float) -> None:
+        """Copy a run's inputs into the static buffers (also between graph replays)."""
+        self.x.copy_(x0)
+        if self.point is not None:
+            self.point.copy_(x0)
+        self.seeds.copy_(seeds)
+        if self.cfg:
+            self.cfg_w.copy_(cfg_w)
+        for k, v in cond.items():
+            if k not in self.cond or self.cond[k].shape != v.shape or self.cond[k].dtype != v.dtype:
+                self.cond[k] = torch.empty_like(v)
+            self.cond[k].copy_(v)
+        self.first_bad.fill_(-1)
+        self.write_model_input(c_in0 * self.x if self.point is None else c_in0 * self.point)
+
+
+def model_output(model, x_in, t, kwargs):
+    """Call `model(x, t, **kwargs)`; unwrap diffusers-style outputs (`.sample` or a tuple)."""
+    out = model(x_in, t, **kwargs)
+    if hasattr(out, "sample"):
+        out = out.sample
+    elif isinstance(out, (tuple, list)):
+        out = out[0]
+    return out
+
+
+class Loop:
+    """Runs a table's rows: model call, non-finite bookkeeping, executor step, corrector."""
+
+    def __init__(self, model, table: StepTable, bufs: LoopBuffers, executor, *, classifier=None,
+                 classifier_scale: float = 1.0):
+        self.model, self.table, self.bufs, self.executor = model, table, bufs, executor
+        self.classifier, self.classifier_scale = classifier, classifier_scale
+        self.t_host = table.t_model.tolist()
+        self.sigma = table.sigma.tolist()
+        self.corrector = table.corrector_steps.tolist() if table.corrector_steps is not None else None
+        # after a row whose point row equals its state row, the corrector moves both
+        self.point_is_state = [table.point is None or bool(torch.equal(table.point[r], table.state[r]))
+                               for r in range(table.rows)]
+
+    def call_model(self, r: int) -> torch.Tensor:
+        b = self.bufs
+        out = model_output(self.model, b.model_in, b.t[r], b.cond)
+        if self.classifier is not None:
+            out = self._classifier_guided(r, out)
+        bad = ~torch.isfinite(out).all()
+        torch.where((b.first_bad < 0) & bad, torch.full_like(b.first_bad, r), b.first_bad, out=b.first_bad)
+        return out
+
+    def _classifier_guided(self, r: int, out: torch.Tensor) -> torch.Tensor:
+        """D += s sigma^2/alpha grad log p(y|x_t), expressed as a shift of the model output."""
+        b, s = self.bufs, self.sigma[r]
+        alpha = (1 + s * s) ** -0.5
+        sigma = s * alpha
+        x_in = b.model_in[: b.batch]
+        kwargs = {k: v[-b.batch:] for k, v in b.cond.items()}  # the conditional half
+        grad = classifier_grad(self.classifier, x_in, b.t[r][: b.batch], kwargs)
+        shift = self.classifier_scale * sigma * sigma / alpha * grad / self.executor.d_out[r]
+        if b.cfg:
+            shift = torch.cat([shift, shift])  # guidance weights sum to one: shifts the result
+        return (out.float() + shift).to(out.dtype)
+
+    def run(self, rows=None, progress=None) -> None:
+        rows = range(self.table.rows) if rows is None else rows
+        for r in rows:
+            self.executor.step(r, self.call_model(r))
+            if self.corrector is not None and self.corrector[r]:
+                self.correct(r)
+            if progress is not None:
+                progress.update(1)
+
+    def correct(self, r: int) -> None:
+        """Langevin corrector sub-steps at the level of row r + 1 (see solvers/langevin.py)."""
+        b, ex, table = self.bufs, self.executor, self.table
+        n = r + 1
+        s = self.sigma[n]
+        alpha = (1 + s * s) ** -0.5
+        sigma = s * alpha
+        to_vp = alpha if table.space == "ve" else 1.0  # the point in VP units is to_vp * point
+        target = b.point if b.point is not None else b.x
+        M = self.corrector[r]
+        for j in range(M):
+            out = model_output(self.model, b.model_in, b.t[n], b.cond)
+            D, _ = ex.denoised(n, target, out)
+            x_vp = to_vp * target
+            score = (alpha * D - x_vp) / (sigma * sigma)
+            z = rng.randn(b.seeds, r * M + j, STREAM_CORRECTOR, target.shape[1:], device=target.device)
+            eps = step_size(z, score, table.corrector_snr, float(table.corrector_alpha[r]))
+            target.copy_((x_vp + eps * score + (2 * eps).sqrt() * z) / to_vp)
+            if b.point is not None and self.point_is_state[r]:
+                b.x.copy_(target)
+            b.write_model_input(ex.c_in[n] * target)
+
+    def raise_if_nonfinite(self) -> None:
+        bad = int(self.bufs.first_bad)  # the one host read, after the loop
+        if bad >= 0:
+            raise FloatingPointError(f"non-finite model output at step {bad} (timestep {self.t_host[bad]:g})")

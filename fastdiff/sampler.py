@@ -1,0 +1,314 @@
+"""The Sampler: a model, a schedule and a solver, compiled once into a coefficient table.
+
+    sampler = Sampler(model, Schedule.linear(), solver="dpmpp_2m", steps=20)
+    x0 = sampler.sample(shape=(8, 3, 32, 32), seeds=range(8))
+
+`model(x, t, **kwargs)` gets x_t (variance-preserving units) and a float tensor t [B] of
+training timesteps and returns epsilon, v or x0 (`prediction`). The returned sample is in
+data units. A sample's result depends only on its seed, never on the batch around it.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+
+from . import rng
+from .executors import EXECUTORS, resolve_backend
+from .grids import SIGMA_GRIDS, SPACINGS, make_grid
+from .guidance import Thresholding
+from .loop import Loop, LoopBuffers
+from .noising import add_noise
+from .schedules import Schedule
+from .seeds import as_seeds
+from .solvers import STRIDE_PREV, build_table, check_solver, langevin
+from .solvers.base import check_prediction
+from .solvers.ddpm import VARIANCES
+from .solvers.table import STREAM_INIT, StepTable
+
+CORRECTORS = (None, "langevin")
+GRAPH_MODES = ("auto", True, False)
+
+
+def _model_dtype_device(model):
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            if p.is_floating_point():
+                return p.dtype, p.device
+    return None, None
+
+
+class Sampler:
+    """Sample a diffusion model with any solver; see the module docstring."""
+
+    def __init__(self, model, schedule: Schedule, solver: str = "dpmpp_2m", steps: int = 20,
+                 prediction: str = "epsilon", spacing: str = "trailing", eta: float = 0.0,
+                 guidance_scale: float | None = None, *, steps_offset: int = 0, sigmas: str | None = None,
+                 rho: float = 7.0, timesteps=None, variance: str = "fixed_small", solver_order: int = 2,
+                 lower_order_final: bool = True, final_alpha_cumprod: float = 1.0, clip_sample: bool = False,
+                 clip_range: float = 1.0, thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
+                 sample_max_value: float = 1.0, guidance_rescale: float = 0.0, classifier=None,
+                 classifier_scale: float = 1.0, corrector: str | None = None, corrector_steps: int = 1,
+                 snr: float = 0.16, backend: str = "auto", graph="auto", compile: bool = False,
+                 max_graphs: int = 4, device=None, dtype: torch.dtype | None = None):
+        if not isinstance(schedule, Schedule):
+            raise ValueError(f"schedule must be a fastdiff.Schedule, got {type(schedule).__name__}")
+        if not callable(model):
+            raise ValueError("model must be callable as model(x, t, **kwargs)")
+        self.solver = check_solver(solver)
+        self.prediction = check_prediction(prediction)
+        T = schedule.num_train_timesteps
+        if timesteps is None and (not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= T):
+            raise ValueError(f"steps must be an integer in [1, num_train_timesteps={T}], got {steps!r}")
+        if spacing not in SPACINGS:
+            raise ValueError(f"unknown spacing {spacing!r}; allowed: {', '.join(SPACINGS)}")
+        if sigmas is not None and sigmas not in SIGMA_GRIDS:
+            raise ValueError(f"unknown sigmas {sigmas!r}; allowed: None, {', '.join(SIGMA_GRIDS)}")
+        if not (isinstance(eta, (int, float)) and eta >= 0):
+            raise ValueError(f"eta must be >= 0, got {eta!r}")
+        if variance not in VARIANCES:
+            raise ValueError(f"unknown variance {variance!r}; allowed: {', '.join(VARIANCES)}")
+        if corrector not in CORRECTORS:
+            raise ValueError(f"unknown corrector {corrector!r}; allowed: None, 'langevin'")
+        if graph not in GRAPH_MODES:
+            raise ValueError(f"graph must be 'auto', True or False, got {graph!r}")
+        if not 0 <= guidance_rescale <= 1:
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
+        if not isinstance(max_graphs, int) or max_graphs < 1:
+            raise ValueError(f"max_graphs must be a positive integer, got {max_graphs!r}")
+        self._check_guidance_scale(guidance_scale)
+        self.model, self.schedule = model, schedule
+        self.guidance_scale = guidance_scale
+        self.threshold = Thresholding(
+            clip=clip_range if clip_sample else None,
+            dynamic_ratio=dynamic_thresholding_ratio if thresholding else None, max_value=sample_max_value)
+        self.guidance_rescale, self.classifier, self.classifier_scale = guidance_rescale, classifier, classifier_scale
+        self.eta, self.spacing = float(eta), spacing
+        self.grid = make_grid(schedule, steps if timesteps is None else len(timesteps), spacing=spacing,
+                              steps_offset=steps_offset, sigmas=sigmas, rho=rho, final_abar=final_alpha_cumprod,
+                              stride_prev=solver in STRIDE_PREV and sigmas is None, timesteps=timesteps)
+        self.steps = self.grid.steps
+        self._options = dict(eta=eta, variance=variance, solver_order=solver_order,
+                             lower_order_final=lower_order_final, spacing=spacing)
+        self._corrector = (corrector_steps, snr) if corrector == "langevin" else None
+        self.table = self._table(0)
+        mdtype, mdevice = _model_dtype_device(model)
+        self.device = torch.device(device) if device is not None else (mdevice or torch.device("cpu"))
+        self.dtype = dtype or mdtype or torch.float32
+        self.backend = resolve_backend(backend, self.device)
+        self.graph_mode, self.compile, self.max_graphs = graph, compile, max_graphs
+        if graph is True and self.device.type != "cuda":
+            raise ValueError("graph=True needs a CUDA device; use graph='auto' (eager on the CPU) or graph=False")
+        self._runners: OrderedDict = OrderedDict()
+        self._tables: dict[int, StepTable] = {0: self.table}
+        self._compiled_model = None
+
+    # ---- what the sampler will do ---------------------------------------------------
+    def _table(self, start: int) -> StepTable:
+        table = build_table(self.solver, self.grid[start:], self.prediction, **self._options)
+        if self._corrector is not None:
+            steps, snr = self._corrector
+            table = langevin.attach(table, self.schedule, steps=steps, snr=snr)
+        return table
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        """The model timesteps, one per model evaluation, in order (float64)."""
+        return self.table.t_model.clone()
+
+    @property
+    def num_model_evals(self) -> int:
+        extra = int(self.table.corrector_steps.sum()) if self.table.corrector_steps is not None else 0
+        return self.table.rows + extra
+
+    @property
+    def init_noise_sigma(self) -> float:
+        return self.table.init_noise_sigma
+
+    # ---- sampling -------------------------------------------------------------------
+    @staticmethod
+    def _check_guidance_scale(w):
+        if w is None:
+            return
+        if torch.is_tensor(w):
+            if not bool(torch.isfinite(w).all()):
+                raise ValueError("guidance_scale must be finite")
+            return
+        if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w):
+            raise ValueError(f"guidance_scale must be a finite number or a [B] tensor, got {w!r}")
+
+    @torch.no_grad()
+    def sample(self, noise: torch.Tensor | None = None, *, shape=None, seeds=None, cond: dict | None = None,
+               uncond: dict | None = None, guidance_scale=None, init: torch.Tensor | None = None,
+               strength: float | None = None, progress: bool = False) -> torch.Tensor:
+        """Draw samples; returns float32 [B, *S] in data units (see the class docstring).
+
+        noise: x_T ~ N(0, I) (scaled by init_noise_sigma here); or shape + seeds, from which
+        noise is drawn per sample.  cond/uncond: model keyword arguments batched along dim 0;
+        with uncond and a guidance scale, one batched [uncond; cond] call per step.
+        init + strength: img2img/SDEdit, starting from init noised to the strength's level.
+        """
+        x_T, seeds = self._initial_noise(noise, shape, seeds)
+        B = x_T.shape[0]
+        w = self.guidance_scale if guidance_scale is None else guidance_scale
+        self._check_guidance_scale(w)
+        cfg = self._check_conditioning(cond, uncond, w, B)
+        start = self._start_step(init, strength, x_T)
+        table = self._tables.get(start) or self._tables.setdefault(start, self._table(start))
+        if init is None:
+            x0 = x_T * table.init_noise_sigma
+        else:
+            # forward-noise init to the first step's level with x_T as the noise (SDEdit)
+            t0 = self.grid.t[start].expand(B)
+            x0 = add_noise(init.to(self.device, torch.float32), t0, self.schedule, noise=x_T)
+            if table.space == "ve":
+                x0 = x0 / math.sqrt(float(self.grid.abar[start]))
+        kwargs = _batched_kwargs(cond, uncond, cfg, B, self.device)
+        cfg_w = None
+        if cfg:
+            w_t = torch.as_tensor(w, dtype=torch.float32, device=self.device).reshape(-1)
+            if w_t.numel() not in (1, B):
+                raise ValueError(f"guidance_scale must be a number or have {B} entries, got {w_t.numel()}")
+            cfg_w = w_t.expand(B)[None].expand(table.rows, B)
+        runner = self._runner(table, start, B, tuple(x_T.shape[1:]), cfg, kwargs)
+        return runner.run(x0, seeds, cfg_w, kwargs, progress)
+
+    def _initial_noise(self, noise, shape, seeds):
+        if noise is not None:
+            if not torch.is_tensor(noise) or noise.ndim < 1:
+                raise ValueError("noise must be a tensor [B, ...]")
+            if shape is not None and tuple(shape) != tuple(noise.shape):
+                raise ValueError(f"noise shape {tuple(noise.shape)} does not match shape {tuple(shape)}")
+            B = noise.shape[0]
+            seeds = as_seeds(seeds if seeds is not None else range(B), B, self.device)
+            return noise.to(self.device, torch.float32), seeds
+        if shape is None:
+            raise ValueError("sample() needs noise=x_T or shape=(B, ...)")
+        shape = tuple(int(s) for s in shape)
+        if len(shape) < 2 or any(s < 1 for s in shape):
+            raise ValueError(f"shape must be (B, ...) with positive sizes, got {shape}")
+        if seeds is None:
+            seeds = torch.randint(0, 2**62, (shape[0],)).tolist()
+        seeds = as_seeds(seeds, shape[0], self.device)
+        return rng.randn(seeds, 0, STREAM_INIT, shape[1:], device=self.device), seeds
+
+    def _check_conditioning(self, cond, uncond, w, B) -> bool:
+        for name, d in (("cond", cond), ("uncond", uncond)):
+            if d is None:
+                continue
+            if not isinstance(d, dict):
+                raise ValueError(f"{name} must be a dict of model keyword arguments")
+            for k, v in d.items():
+                if torch.is_tensor(v) and (v.ndim == 0 or v.shape[0] != B):
+                    raise ValueError(f"{name}[{k!r}] must be batched along dim 0 with {B} rows")
+        if w is not None and uncond is None:
+            raise ValueError("guidance_scale needs uncond= (the unconditional model keyword arguments)")
+        if uncond is not None and w is None:
+            raise ValueError("uncond given without a guidance_scale")
+        if uncond is not None and set(uncond) != set(cond or {}):
+            raise ValueError(f"cond and uncond must have the same keys, got {sorted(cond or {})} and {sorted(uncond)}")
+        return uncond is not None
+
+    def _start_step(self, init, strength, x_T) -> int:
+        if init is None:
+            if strength is not None:
+                raise ValueError("strength needs init= (the image to start from)")
+            return 0
+        if not torch.is_tensor(init) or init.shape != x_T.shape:
+            raise ValueError(f"init must be a tensor of shape {tuple(x_T.shape)}")
+        if strength is None or not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+        n = min(int(self.steps * strength), self.steps)
+        if n < 1:
+            raise ValueError(f"strength={strength} with steps={self.steps} leaves no step to run")
+        return self.steps - n
+
+    # ---- runners: static buffers, an executor, and (on CUDA) a captured graph -------
+    def _model(self):
+        if self.compile and self._compiled_model is None:
+            from .graph import compile_model
+
+            self._compiled_model = compile_model(self.model)
+        return self._compiled_model or self.model
+
+    def _runner(self, table, start, B, sample_shape, cfg, kwargs):
+        key = (start, B, sample_shape, self.dtype, cfg, tuple((k, v.shape, v.dtype) for k, v in kwargs.items()))
+        if key in self._runners:
+            self._runners.move_to_end(key)
+            return self._runners[key]
+        bufs = LoopBuffers(table, B, sample_shape, self.dtype, self.device, cfg)
+        executor = EXECUTORS[self.backend](table, bufs, self.threshold, self.guidance_rescale)
+        loop = Loop(self._model(), table, bufs, executor, classifier=self.classifier,
+                    classifier_scale=self.classifier_scale)
+        use_graph = self.graph_mode is True or (self.graph_mode == "auto" and self.device.type == "cuda"
+                                                and self.classifier is None)
+        if use_graph:
+            from .graph import GraphRunner
+
+            runner = GraphRunner(loop, table)
+        else:
+            runner = EagerRunner(loop, table)
+        self._runners[key] = runner
+        while len(self._runners) > self.max_graphs:
+            self._runners.popitem(last=False)[1].release()
+        return runner
+
+    def clear_graphs(self) -> None:
+        """Release every cached runner (captured graphs and their static buffers)."""
+        for runner in self._runners.values():
+            runner.release()
+        self._runners.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    @property
+    def num_cached_graphs(self) -> int:
+        return sum(1 for r in self._runners.values() if getattr(r, "graph", None) is not None)
+
+    # ---- interop ----------------------------------------------------------------------
+    @classmethod
+    def from_diffusers(cls, scheduler_or_config, model, steps: int, **overrides) -> "Sampler":
+        """A Sampler equivalent to a diffusers scheduler (see fastdiff.integrations.diffusers)."""
+        from .integrations.diffusers import sampler_from_diffusers
+
+        return sampler_from_diffusers(scheduler_or_config, model, steps=steps, **overrides)
+
+
+class EagerRunner:
+    """Runs the static-buffer loop without capture (CPU, or graph=False)."""
+
+    graph = None
+
+    def __init__(self, loop: Loop, table: StepTable):
+        self.loop, self.table = loop, table
+
+    def run(self, x0, seeds, cfg_w, kwargs, progress=False):
+        bufs = self.loop.bufs
+        bufs.load(x0, seeds, cfg_w, kwargs, float(self.table.c_in[0]))
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.table.rows, desc="sampling", unit="step", leave=False)
+        try:
+            self.loop.run(progress=bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        self.loop.raise_if_nonfinite()
+        return bufs.x.clone()
+
+    def release(self) -> None:
+        pass
+
+
+def _batched_kwargs(cond, uncond, cfg, B, device) -> dict:
+    cond = cond or {}
+    out = {}
+    for k, v in cond.items():
+        if not torch.is_tensor(v):
+            raise ValueError(f"cond[{k!r}] must be a tensor batched along dim 0")
+        v = v.to(device)
+        out[k] = torch.cat([uncond[k].to(device), v]) if cfg else v
+    return out

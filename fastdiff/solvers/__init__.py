@@ -1,0 +1,49 @@
+"""Solvers: each is a float64 coefficient-table builder plus a textbook reference step.
+
+    ddpm             ddpm.py    Ho et al. 2020, ancestral (posterior mean and variance)
+    ddim             ddim.py    Song et al. 2021, eta
+    euler            euler.py   Karras et al. 2022, Euler on the probability-flow ODE
+    euler_ancestral  euler.py   k-diffusion's ancestral Euler
+    heun             euler.py   Karras et al. 2022, Algorithm 1
+    dpmpp_2m         dpmpp.py   Lu et al. 2022, DPM-Solver++(2M)
+    dpmpp_2m_sde     dpmpp.py   SDE-DPM-Solver++(2M)
+    unipc            unipc.py   Zhao et al. 2023, UniPC bh2, order 2, with corrector
+    + langevin.py: Song et al. 2021's Langevin corrector after any of them.
+"""
+from __future__ import annotations
+
+from ..grids import Grid
+from . import ddim, ddpm, dpmpp, euler, unipc
+from .base import check_prediction
+from .table import StepTable
+
+BUILDERS = {
+    "ddpm": ddpm.build,
+    "ddim": ddim.build,
+    "euler": euler.build_euler,
+    "euler_ancestral": euler.build_euler_ancestral,
+    "heun": euler.build_heun,
+    "dpmpp_2m": dpmpp.build_2m,
+    "dpmpp_2m_sde": dpmpp.build_2m_sde,
+    "unipc": unipc.build,
+}
+SOLVERS = tuple(BUILDERS)
+STOCHASTIC = ("ddpm", "euler_ancestral", "dpmpp_2m_sde")  # ddim too when eta > 0
+# diffusers' DDPM/DDIM step to t - T//N rather than to the next listed timestep
+STRIDE_PREV = ("ddpm", "ddim")
+
+
+def check_solver(solver: str) -> str:
+    if solver not in BUILDERS:
+        raise ValueError(f"unknown solver {solver!r}; allowed: {', '.join(SOLVERS)}")
+    return solver
+
+
+def build_table(solver: str, grid: Grid, prediction: str, **options) -> StepTable:
+    """Compile `solver` on `grid` into a StepTable (float64)."""
+    check_solver(solver)
+    check_prediction(prediction)
+    return BUILDERS[solver](grid, prediction, **options).build()
+
+
+__all__ = ["BUILDERS", "SOLVERS", "STOCHASTIC", "STRIDE_PREV", "StepTable", "build_table", "check_solver"]

@@ -1,0 +1,92 @@
+"""Karras et al. 2022 ODE/SDE samplers in VE sigma space (k-diffusion's convention).
+
+The state is x = x_t / alpha_t; the probability-flow ODE is dx/ds = (x - D(x, s)) / s.
+    euler:            x' = x + (s_to - s) d,  d = (x - D) / s
+    euler_ancestral:  s_up = sqrt(s_to^2 (s^2 - s_to^2) / s^2), s_down = sqrt(s_to^2 - s_up^2)
+                      x' = x + (s_down - s) d + s_up z
+    heun (Alg. 1):    y = x + (s_to - s) d;  x' = x + (s_to - s) (d + d_y) / 2, d_y = (y - D(y)) / s_to
+                      the last step, to s_to = 0, is a plain Euler step.
+"""
+from __future__ import annotations
+
+import math
+
+from ..grids import Grid
+from .base import TableBuilder, vec
+
+
+def init_noise_sigma(sigma_max: float, spacing: str) -> float:
+    # diffusers' Euler-family convention: sqrt(s^2 + 1) under `leading` spacing
+    return math.sqrt(sigma_max**2 + 1) if spacing == "leading" else sigma_max
+
+
+def _sigmas(grid: Grid, solver: str) -> list[tuple[float, float, float, float]]:
+    rows = []
+    for i in range(grid.steps):
+        s, s_to = float(grid.sigma[i]), float(grid.sigma_to[i])
+        if not math.isfinite(s) or s <= 0:
+            raise ValueError(f"solver {solver!r} needs a finite, positive sigma at every step (got {s} at step "
+                             f"{i}); with a zero-terminal-SNR schedule use ddim, ddpm, dpmpp_2m or unipc")
+        rows.append((float(grid.t[i]), float(grid.abar[i]), s, s_to))
+    return rows
+
+
+def build_euler(grid: Grid, prediction: str, *, spacing: str = "trailing", **_) -> TableBuilder:
+    rows = _sigmas(grid, "euler")
+    tb = TableBuilder("euler", "ve", prediction, init_noise_sigma=init_noise_sigma(rows[0][2], spacing))
+    for t, abar, s, s_to in rows:
+        tb.add(t, abar, vec(x=s_to / s, D=1 - s_to / s))
+    return tb
+
+
+def ancestral_sigmas(s: float, s_to: float) -> tuple[float, float]:
+    s_up = math.sqrt(s_to**2 * (s**2 - s_to**2) / s**2)
+    return math.sqrt(s_to**2 - s_up**2), s_up
+
+
+def build_euler_ancestral(grid: Grid, prediction: str, *, spacing: str = "trailing", **_) -> TableBuilder:
+    rows = _sigmas(grid, "euler_ancestral")
+    tb = TableBuilder("euler_ancestral", "ve", prediction, init_noise_sigma=init_noise_sigma(rows[0][2], spacing))
+    for t, abar, s, s_to in rows:
+        s_down, s_up = ancestral_sigmas(s, s_to)
+        tb.add(t, abar, vec(x=s_down / s, D=1 - s_down / s, z=s_up))
+    return tb
+
+
+def build_heun(grid: Grid, prediction: str, *, spacing: str = "trailing", **_) -> TableBuilder:
+    rows = _sigmas(grid, "heun")
+    tb = TableBuilder("heun", "ve", prediction, init_noise_sigma=init_noise_sigma(rows[0][2], spacing),
+                      history_len=1, separate_point=True)
+    for i, (t, abar, s, s_to) in enumerate(rows):
+        if s_to == 0:  # the last step: Euler to the data
+            tb.add(t, abar, vec(x=0, D=1), point=vec(x=0, D=1))
+            continue
+        ds = s_to - s
+        # first evaluation at x: the state stays, the point moves to the Euler predictor y
+        tb.add(t, abar, vec(x=1), point=vec(x=s_to / s, D=1 - s_to / s), push=True, ends_step=False)
+        # second evaluation at y (level s_to); H0 is D(x); x' = x + ds/2 (d + d_y), y folded in
+        t_next, abar_next = float(grid.t[i + 1]), float(grid.abar_to[i])
+        state = vec(x=1 + ds / s, H0=ds / 2 * (1 / s_to - 2 / s), D=-ds / (2 * s_to))
+        tb.add(t_next, abar_next, state, point=state)
+    return tb
+
+
+def reference_euler(x, D, s, s_to):
+    d = (x - D) / s
+    return x + (s_to - s) * d
+
+
+def reference_euler_ancestral(x, D, z, s, s_to):
+    s_up = min(s_to, (s_to**2 * (s**2 - s_to**2) / s**2) ** 0.5)
+    s_down = (s_to**2 - s_up**2) ** 0.5
+    return x + (s_down - s) * (x - D) / s + s_up * z
+
+
+def reference_heun(x, denoise, s, s_to):
+    """Karras et al. Algorithm 1 (no churn): one Heun step; `denoise(x, s)` is D."""
+    d = (x - denoise(x, s)) / s
+    y = x + (s_to - s) * d
+    if s_to == 0:
+        return y
+    d_y = (y - denoise(y, s_to)) / s_to
+    return x + (s_to - s) * (d + d_y) / 2
