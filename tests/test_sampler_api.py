@@ -1,0 +1,244 @@
+"""The public Sampler API: errors, batch invariance, guidance, thresholding, img2img."""
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fastdiff
+from fastdiff import Sampler, Schedule
+from gaussian_model import GaussianDenoiser
+
+SCHEDULE = Schedule.linear(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02)
+
+
+def model():
+    return GaussianDenoiser(SCHEDULE)
+
+
+def test_the_documented_api_runs():
+    x_T = torch.randn(4, 2, 3, 3)
+    sampler = fastdiff.Sampler(model(), SCHEDULE, solver="dpmpp_2m", steps=20, prediction="epsilon",
+                               spacing="leading", eta=0.0, guidance_scale=None)
+    assert sampler.sample(noise=x_T).shape == x_T.shape
+    x = sampler.sample(shape=(4, 2, 3, 3), seeds=[1, 2, 3, 4])
+    assert x.shape == (4, 2, 3, 3) and x.dtype == torch.float32
+    labels, null = torch.tensor([0, 1, 2, 3]), torch.full((4,), 10)
+    x = sampler.sample(noise=x_T, cond={"class_labels": labels}, uncond={"class_labels": null}, guidance_scale=4.0)
+    assert torch.isfinite(x).all()
+    ts = sampler.timesteps
+    assert ts.shape == (20,) and bool((ts[1:] < ts[:-1]).all())
+    assert ts[0].item() == 950 and ts[-1].item() == 0  # leading spacing, no offset
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(solver="rk4"), "unknown solver 'rk4'; allowed: ddpm, ddim, euler, euler_ancestral, heun, dpmpp_2m, "
+                         "dpmpp_2m_sde, unipc"),
+    (dict(prediction="score"), "unknown prediction 'score'; allowed: epsilon, sample, v_prediction"),
+    (dict(spacing="middle"), "unknown spacing 'middle'; allowed: leading, trailing, linspace"),
+    (dict(steps=0), r"steps must be an integer in \[1, num_train_timesteps=1000\]"),
+    (dict(steps=1001), r"steps must be an integer in \[1, num_train_timesteps=1000\]"),
+    (dict(eta=-0.1), "eta must be >= 0"),
+    (dict(sigmas="polyexponential"), "unknown sigmas"),
+    (dict(variance="learned"), "unknown variance 'learned'; allowed: fixed_small, fixed_large"),
+    (dict(backend="cuda"), "unknown backend 'cuda'; allowed: auto, torch, triton"),
+    (dict(graph=True), "graph=True needs a CUDA device"),
+    (dict(corrector="ald"), "unknown corrector"),
+])
+def test_constructor_errors_name_the_parameter_and_allowed_values(kwargs, match):
+    if kwargs.get("graph") is True and torch.cuda.is_available():
+        pytest.skip("CUDA is present: graph=True is valid")
+    with pytest.raises(ValueError, match=match):
+        Sampler(model(), SCHEDULE, **kwargs)
+
+
+def test_unknown_schedule_name():
+    with pytest.raises(ValueError, match="unknown schedule 'exp'; allowed: cosine, linear, scaled_linear, sigmoid"):
+        Schedule.named("exp")
+
+
+def test_sample_errors():
+    sampler = Sampler(model(), SCHEDULE, steps=5)
+    with pytest.raises(ValueError, match="guidance_scale needs uncond="):
+        sampler.sample(shape=(2, 3), seeds=[0, 1], guidance_scale=3.0)
+    with pytest.raises(ValueError, match=r"noise shape \(2, 3\) does not match shape \(2, 4\)"):
+        sampler.sample(noise=torch.randn(2, 3), shape=(2, 4))
+    with pytest.raises(ValueError, match="len\\(seeds\\) must equal the batch size 2, got 3"):
+        sampler.sample(shape=(2, 3), seeds=[0, 1, 2])
+    with pytest.raises(ValueError, match="len\\(seeds\\) must equal the batch size 2, got 1"):
+        sampler.sample(noise=torch.randn(2, 3), seeds=[0])
+    with pytest.raises(ValueError, match="needs noise=x_T or shape"):
+        sampler.sample()
+    with pytest.raises(ValueError, match="strength must be in \\(0, 1\\]"):
+        sampler.sample(shape=(2, 3), seeds=[0, 1], init=torch.zeros(2, 3), strength=1.5)
+    with pytest.raises(ValueError, match="batched along dim 0"):
+        sampler.sample(shape=(2, 3), seeds=[0, 1], cond={"class_labels": torch.zeros(3)})
+
+
+class NaNAt:
+    """A model that returns NaN from the k-th call on."""
+
+    def __init__(self, k):
+        self.k, self.calls = k, 0
+        self.inner = model()
+
+    def __call__(self, x, t, **kw):
+        out = self.inner(x, t, **kw)
+        self.calls += 1
+        return out * float("nan") if self.calls > self.k else out
+
+
+@pytest.mark.parametrize("solver", ["ddim", "heun", "unipc"])
+def test_nonfinite_output_names_step_and_timestep(solver):
+    sampler = Sampler(NaNAt(3), SCHEDULE, solver=solver, steps=10)
+    t3 = sampler.timesteps[3].item()
+    with pytest.raises(FloatingPointError, match=f"non-finite model output at step 3 \\(timestep {t3:g}\\)"):
+        sampler.sample(shape=(2, 4), seeds=[0, 1])
+
+
+@pytest.mark.parametrize("solver", ["ddpm", "euler_ancestral", "dpmpp_2m_sde", "unipc", "heun"])
+def test_a_seed_gives_the_same_sample_alone_and_in_any_batch(solver):
+    sampler = Sampler(model(), SCHEDULE, solver=solver, steps=8)
+    seeds = [11, 5, 2**40 + 3, 7, 0]
+    batch = sampler.sample(shape=(5, 3, 4, 4), seeds=seeds)
+    for i in (0, 2, 4):
+        alone = sampler.sample(shape=(1, 3, 4, 4), seeds=[seeds[i]])
+        torch.testing.assert_close(alone[0], batch[i], rtol=0, atol=0)
+    other = sampler.sample(shape=(2, 3, 4, 4), seeds=[seeds[2], 99])
+    torch.testing.assert_close(other[0], batch[2], rtol=0, atol=0)
+
+
+class Guided:
+    """The guided output u + w (c - u), computed outside the sampler."""
+
+    def __init__(self, inner, w, null=10):
+        self.inner, self.w, self.null = inner, w, null
+
+    def __call__(self, x, t, class_labels):
+        u = self.inner(x, t, class_labels=torch.full_like(class_labels, self.null) * 0 - 0.5)
+        c = self.inner(x, t, class_labels=class_labels)
+        return u + self.w * (c - u)
+
+
+@pytest.mark.parametrize("solver", ["ddim", "euler", "dpmpp_2m", "heun", "euler_ancestral"])
+def test_classifier_free_guidance_combines_the_two_halves(solver):
+    w = 3.0
+    labels = torch.tensor([0.0, 1.0, -1.0])
+    null = torch.full((3,), -0.5)
+    ours = Sampler(model(), SCHEDULE, solver=solver, steps=6).sample(
+        shape=(3, 8), seeds=[1, 2, 3], cond={"class_labels": labels}, uncond={"class_labels": null},
+        guidance_scale=w)
+    manual = Sampler(Guided(model(), w), SCHEDULE, solver=solver, steps=6).sample(
+        shape=(3, 8), seeds=[1, 2, 3], cond={"class_labels": labels})
+    torch.testing.assert_close(ours, manual, rtol=1e-5, atol=1e-5)
+    # a per-sample guidance scale: sample 1 alone with its own scale gives the same
+    per = Sampler(model(), SCHEDULE, solver=solver, steps=6).sample(
+        shape=(3, 8), seeds=[1, 2, 3], cond={"class_labels": labels}, uncond={"class_labels": null},
+        guidance_scale=torch.tensor([1.0, w, 7.0]))
+    torch.testing.assert_close(per[1], ours[1], rtol=1e-6, atol=1e-6)
+
+
+def test_rescaled_cfg_follows_lin_et_al():
+    w, phi = 5.0, 0.7
+    labels, null = torch.tensor([1.0, 2.0]), torch.full((2,), -0.5)
+
+    class Rescaled(Guided):
+        def __call__(self, x, t, class_labels):
+            c = self.inner(x, t, class_labels=class_labels)
+            g = super().__call__(x, t, class_labels)
+            dims = tuple(range(1, g.ndim))
+            r = g * (c.std(dim=dims, keepdim=True) / g.std(dim=dims, keepdim=True))
+            return phi * r + (1 - phi) * g
+
+    kw = dict(shape=(2, 16), seeds=[4, 5])
+    ours = Sampler(model(), SCHEDULE, solver="ddim", steps=5, guidance_rescale=phi).sample(
+        cond={"class_labels": labels}, uncond={"class_labels": null}, guidance_scale=w, **kw)
+    manual = Sampler(Rescaled(model(), w), SCHEDULE, solver="ddim", steps=5).sample(
+        cond={"class_labels": labels}, **kw)
+    torch.testing.assert_close(ours, manual, rtol=1e-5, atol=1e-5)
+
+
+def test_classifier_guidance_moves_the_score():
+    # log p(y|x_t) = -|x_t - m|^2 / 2: its gradient is (m - x_t); with epsilon prediction the
+    # guided model is eps - sigma * scale * grad (Dhariwal & Nichol, Algorithm 2's form)
+    m, scale = 2.0, 1.5
+
+    def classifier(x, t, **kw):
+        return -0.5 * ((x - m) ** 2).flatten(1).sum(1)
+
+    class Manual:
+        def __init__(self):
+            self.inner = model()
+
+        def __call__(self, x, t, **kw):
+            abar = SCHEDULE.alphas_cumprod_at(t.double()).reshape(-1, 1).float()
+            return self.inner(x, t) - (1 - abar).sqrt() * scale * (m - x)
+
+    kw = dict(shape=(3, 4), seeds=[0, 1, 2])
+    ours = Sampler(model(), SCHEDULE, solver="ddim", steps=5, classifier=classifier, classifier_scale=scale).sample(**kw)
+    manual = Sampler(Manual(), SCHEDULE, solver="ddim", steps=5).sample(**kw)
+    torch.testing.assert_close(ours, manual, rtol=1e-4, atol=1e-4)
+
+
+def test_clip_and_dynamic_thresholding_bound_the_sample():
+    wide = GaussianDenoiser(SCHEDULE, mu=0.0, s=3.0)
+    kw = dict(shape=(4, 64), seeds=range(4))
+    free = Sampler(wide, SCHEDULE, solver="ddim", steps=10).sample(**kw)
+    assert free.abs().max() > 2
+    clipped = Sampler(wide, SCHEDULE, solver="ddim", steps=10, clip_sample=True, clip_range=1.5).sample(**kw)
+    assert clipped.abs().max() <= 1.5 + 1e-5
+    dyn = Sampler(wide, SCHEDULE, solver="ddim", steps=10, thresholding=True, dynamic_thresholding_ratio=0.9,
+                  sample_max_value=2.0).sample(**kw)
+    assert dyn.abs().max() <= 1.0 + 1e-5  # D is divided by its per-sample threshold
+
+
+def test_img2img_runs_the_last_steps_from_the_noised_init():
+    m = model()
+    sampler = Sampler(m, SCHEDULE, solver="ddim", steps=20)
+    init = torch.full((2, 8), 3.0)
+    x = sampler.sample(shape=(2, 8), seeds=[0, 1], init=init, strength=0.25)
+    assert m.calls == 5  # int(20 * 0.25) model evaluations
+    full = sampler.sample(shape=(2, 8), seeds=[0, 1])
+    # a weak strength stays near the init; a full run forgets it
+    assert (x - init).abs().mean() < (full - init).abs().mean()
+
+
+def test_model_output_object_with_sample_attribute():
+    class Out:
+        def __init__(self, sample):
+            self.sample = sample
+
+    inner = model()
+    x = Sampler(lambda x, t: Out(inner(x, t)), SCHEDULE, steps=3).sample(shape=(2, 3), seeds=[0, 1])
+    y = Sampler(inner, SCHEDULE, steps=3).sample(shape=(2, 3), seeds=[0, 1])
+    torch.testing.assert_close(x, y)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    solver=st.sampled_from(list(fastdiff.SOLVERS) + ["bogus"]),
+    prediction=st.sampled_from(["epsilon", "sample", "v_prediction", "x0"]),
+    spacing=st.sampled_from(["leading", "trailing", "linspace", "log"]),
+    steps=st.integers(-2, 1002),
+    eta=st.floats(-1, 2, allow_nan=False),
+    batch=st.integers(1, 3),
+    seeds_len=st.integers(0, 4),
+    guidance=st.sampled_from([None, 0.0, 2.5, float("nan")]),
+    with_uncond=st.booleans(),
+    sigmas=st.sampled_from([None, "karras", "exponential"]),
+)
+def test_property_any_arguments_give_a_sample_or_a_clear_error(solver, prediction, spacing, steps, eta, batch,
+                                                               seeds_len, guidance, with_uncond, sigmas):
+    steps = min(steps, 12) if steps <= 1000 else steps  # keep runs short; > 1000 stays invalid
+    try:
+        sampler = Sampler(GaussianDenoiser(SCHEDULE, prediction=prediction if prediction != "x0" else "sample"),
+                          SCHEDULE, solver=solver, steps=steps, prediction=prediction, spacing=spacing, eta=eta,
+                          sigmas=sigmas)
+        labels = torch.zeros(batch)
+        x = sampler.sample(shape=(batch, 2), seeds=list(range(seeds_len)), guidance_scale=guidance,
+                           cond={"class_labels": labels}, uncond={"class_labels": labels - 1} if with_uncond else None)
+    except ValueError as e:
+        assert str(e) and len(str(e)) < 300
+        return
+    assert x.shape == (batch, 2) and bool(torch.isfinite(x).all())
