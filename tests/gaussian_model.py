@@ -14,11 +14,20 @@ class GaussianDenoiser(torch.nn.Module):
         super().__init__()
         self.schedule, self.mu, self.s, self.prediction = schedule, mu, s, prediction
         self.calls = 0
+        # log-sigma table on the model's device: interpolating it is graph-safe (no host sync)
+        self.register_buffer("log_sigma", schedule.sigmas.log())
+
+    def abar(self, t):
+        """alphas_cumprod at fractional t, log-sigma interpolated (Schedule.sigma_at), on device."""
+        t = t.detach().double()
+        lo = t.floor().long().clamp(0, self.log_sigma.numel() - 2)
+        w = t - lo
+        log_s = (1 - w) * self.log_sigma[lo] + w * self.log_sigma[lo + 1]
+        return 1.0 / (1.0 + torch.exp(2 * log_s))
 
     def forward(self, x, t, **kwargs):
         self.calls += 1
-        abar = self.schedule.alphas_cumprod_at(t.detach().double().cpu()).to(x.device)
-        abar = abar.reshape(-1, *([1] * (x.ndim - 1)))
+        abar = self.abar(t).reshape(-1, *([1] * (x.ndim - 1)))
         a, sg = abar.sqrt(), (1 - abar).sqrt()
         xd = x.double()
         mu = self.mu

@@ -1,0 +1,128 @@
+"""The captured loop: static buffers and baked constants equal a plain loop; on CUDA, one graph."""
+import math
+
+import pytest
+import torch
+
+from fastdiff import Sampler, Schedule, rng
+from fastdiff.solvers.table import STREAM_INIT, STREAM_STEP, history_slots
+from gaussian_model import GaussianDenoiser
+
+SCHEDULE = Schedule.linear()
+SOLVERS = ["ddpm", "ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc"]
+
+
+def plain_loop(model, table, seeds, shape, cond=None, uncond=None, w=None):
+    """The simplest loop over a table: fresh tensors every step, no static buffers."""
+    x = rng.randn(seeds, 0, STREAM_INIT, shape) * table.init_noise_sigma
+    point = x.clone()
+    history = [None] * max(table.history_len, 1)
+    for r, (slots, dest) in enumerate(history_slots(table)):
+        p = point if table.point is not None else x
+        t = torch.full((len(seeds),), float(table.t_model[r]))
+        x_in = float(table.c_in[r]) * p
+        if w is None:
+            out = model(x_in, t, **(cond or {}))
+        else:
+            u, c = model(x_in, t, **uncond), model(x_in, t, **cond)
+            out = u + w * (c - u)
+        D = float(table.d_point[r]) * p + float(table.d_out[r]) * out
+        z = rng.randn(seeds, r, STREAM_STEP, shape)
+        V = [x, D, D] + [history[s] for s in slots] + [None] * (3 - len(slots)) + [z]
+        comb = lambda row: sum(c * v for c, v in zip(row.tolist(), V) if c != 0)  # noqa: E731
+        x_next = comb(table.state[r])
+        point = comb(table.point[r]) if table.point is not None else x_next
+        if dest is not None:
+            history[dest] = D
+        x = x_next
+    return x
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("cfg", [False, True])
+def test_static_buffer_loop_equals_a_plain_loop(solver, cfg):
+    model = GaussianDenoiser(SCHEDULE)
+    sampler = Sampler(model, SCHEDULE, solver=solver, steps=7, graph="auto")  # eager on the CPU
+    seeds, shape = [3, 1, 4], (2, 5)
+    kw = {}
+    if cfg:
+        kw = dict(cond={"class_labels": torch.tensor([1.0, 0.0, 2.0])},
+                  uncond={"class_labels": torch.full((3,), -1.0)}, guidance_scale=2.5)
+    ours = sampler.sample(shape=(3, *shape), seeds=seeds, **kw)
+    want = plain_loop(model, sampler.table, seeds, shape, kw.get("cond"), kw.get("uncond"), kw.get("guidance_scale"))
+    torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
+    # a second run reuses the static buffers and gives the same answer
+    torch.testing.assert_close(sampler.sample(shape=(3, *shape), seeds=seeds, **kw), ours, rtol=0, atol=0)
+
+
+def test_runner_cache_is_bounded_lru():
+    sampler = Sampler(GaussianDenoiser(SCHEDULE), SCHEDULE, steps=3, max_graphs=2)
+    for b in (1, 2, 3, 2):
+        sampler.sample(shape=(b, 4), seeds=range(b))
+    assert len(sampler._runners) == 2
+    assert [k[1] for k in sampler._runners] == [3, 2]  # batch 1 was evicted, 2 is most recent
+    sampler.clear_graphs()
+    assert len(sampler._runners) == 0
+
+
+# ---------------------------------------------------------------- CUDA only ----------
+@pytest.mark.cuda
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_graph_equals_eager_on_cuda(solver, backend):
+    model = GaussianDenoiser(SCHEDULE).cuda()
+    kw = dict(cond={"class_labels": torch.tensor([1.0, 0.0, 2.0], device="cuda")},
+              uncond={"class_labels": torch.full((3,), -1.0, device="cuda")}, guidance_scale=2.5)
+    eager = Sampler(model, SCHEDULE, solver=solver, steps=8, backend=backend, graph=False, device="cuda")
+    graph = Sampler(model, SCHEDULE, solver=solver, steps=8, backend=backend, graph=True, device="cuda")
+    want = eager.sample(shape=(3, 4, 8, 8), seeds=[0, 1, 2], **kw)
+    first = graph.sample(shape=(3, 4, 8, 8), seeds=[0, 1, 2], **kw)  # warm-up + capture
+    replay = graph.sample(shape=(3, 4, 8, 8), seeds=[0, 1, 2], **kw)
+    assert graph.num_cached_graphs == 1
+    torch.testing.assert_close(first, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(replay, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_new_guidance_scale_and_seeds_replay_without_recapture():
+    model = GaussianDenoiser(SCHEDULE).cuda()
+    cond = {"class_labels": torch.tensor([1.0, 2.0], device="cuda")}
+    uncond = {"class_labels": torch.zeros(2, device="cuda")}
+    graph = Sampler(model, SCHEDULE, solver="dpmpp_2m_sde", steps=6, graph=True, device="cuda")
+    eager = Sampler(model, SCHEDULE, solver="dpmpp_2m_sde", steps=6, graph=False, device="cuda")
+    graph.sample(shape=(2, 16), seeds=[0, 1], cond=cond, uncond=uncond, guidance_scale=2.0)
+    runner = next(iter(graph._runners.values()))
+    captured = runner.graph
+    for w, seeds in ((5.0, [7, 8]), (1.0, [0, 3]), (torch.tensor([2.0, 9.0]), [5, 6])):
+        got = graph.sample(shape=(2, 16), seeds=seeds, cond=cond, uncond=uncond, guidance_scale=w)
+        want = eager.sample(shape=(2, 16), seeds=seeds, cond=cond, uncond=uncond, guidance_scale=w)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert runner.graph is captured and graph.num_cached_graphs == 1
+
+
+@pytest.mark.cuda
+def test_graph_cache_bound_holds_on_cuda():
+    model = GaussianDenoiser(SCHEDULE).cuda()
+    sampler = Sampler(model, SCHEDULE, steps=4, graph=True, device="cuda", max_graphs=2)
+    for b in (1, 2, 3, 4):
+        sampler.sample(shape=(b, 8), seeds=range(b))
+    assert sampler.num_cached_graphs == 2
+    sampler.clear_graphs()
+    assert sampler.num_cached_graphs == 0
+
+
+@pytest.mark.cuda
+def test_nonfinite_check_inside_the_graph_reports_the_step():
+    class NaNLate(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = GaussianDenoiser(SCHEDULE)
+
+        def forward(self, x, t):
+            out = self.inner(x, t)
+            return torch.where(t.reshape(-1, 1) < 300, out * float("nan"), out)  # no host branch
+
+    sampler = Sampler(NaNLate().cuda(), SCHEDULE, steps=10, graph=True, device="cuda")
+    for _ in range(2):  # capture, then replay
+        with pytest.raises(FloatingPointError, match="non-finite model output at step"):
+            sampler.sample(shape=(2, 8), seeds=[0, 1])
