@@ -1,0 +1,148 @@
+"""Counter-based normal noise: the bits Triton's `tl.philox` draws, in plain PyTorch.
+
+Every value is a pure function of (sample seed, step, stream, element index):
+
+    key     = seed                 (key0 = low 32 bits, key1 = high 32 bits, as tl.philox)
+    counter = (element // 4, step, stream, 0)
+    (r0, r1, r2, r3) = Philox4x32-10(counter, key)
+    u_i     = uint_to_uniform_float(r_i)                    (triton.language.random)
+    (n0, n1) = BoxMuller(u0, u1),  (n2, n3) = BoxMuller(u2, u3)
+    value(element) = n[element % 4]
+
+The kernels (fastdiff.kernels.philox) draw the same bits, so CPU and GPU noise agree to
+the last ulp of log/cos/sin, and a sample's noise never depends on its batch.
+uint32 arithmetic is done in int64 tensors with masking (products split into 16-bit
+halves so nothing overflows int64).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+PHILOX_KEY_A = 0x9E3779B9
+PHILOX_KEY_B = 0xBB67AE85
+PHILOX_ROUND_A = 0xD2511F53
+PHILOX_ROUND_B = 0xCD9E8D57
+# triton.language.random: uint_to_uniform_float's scale and Box-Muller's guard / 2*pi,
+# all rounded to float32 as Triton does.
+UNIFORM_SCALE = 4.6566127342e-10
+U1_MIN = 1.0e-7
+TWO_PI = 6.283185307179586
+_CHUNK = 2**20  # counters per vectorized batch in randn
+
+
+def _mul_hi_lo(x: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit halves of x * m for x in [0, 2^32) (int64) and a uint32 constant m."""
+    m_hi, m_lo = m >> 16, m & 0xFFFF
+    p_hi = x * m_hi  # < 2^48
+    p_lo = x * m_lo  # < 2^48
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & MASK32
+    return hi, lo
+
+
+def _as_u32(v, device) -> torch.Tensor:
+    if isinstance(v, torch.Tensor):
+        return v.to(device=device, dtype=torch.int64) & MASK32
+    return torch.tensor(int(v) & MASK32, dtype=torch.int64, device=device)
+
+
+def philox4x32(key0, key1, c0, c1, c2, c3, rounds: int = 10):
+    """Philox4x32 (Salmon et al. 2011) as tl.philox computes it; returns 4 uint32 tensors.
+
+    Arguments are ints or int tensors holding uint32 values (broadcast together); results
+    are int64 tensors with values in [0, 2^32).
+    """
+    device = next((a.device for a in (key0, key1, c0, c1, c2, c3) if isinstance(a, torch.Tensor)), None)
+    k0, k1, c0, c1, c2, c3 = (_as_u32(a, device) for a in (key0, key1, c0, c1, c2, c3))
+    for _ in range(rounds):
+        hi_b, lo_b = _mul_hi_lo(c2, PHILOX_ROUND_B)
+        hi_a, lo_a = _mul_hi_lo(c0, PHILOX_ROUND_A)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + PHILOX_KEY_A) & MASK32
+        k1 = (k1 + PHILOX_KEY_B) & MASK32
+    return c0, c1, c2, c3
+
+
+def uint_to_uniform(r: torch.Tensor) -> torch.Tensor:
+    """uint32 (in int64) -> float32 uniform in [0, 1), as triton's uint_to_uniform_float."""
+    # bitcast to int32, x < 0 -> ~x: a value in [0, 2^31 - 1]
+    x = torch.where(r >= 2**31, MASK32 - r, r)
+    return x.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32).item()  # float32 product
+
+
+def _f32(fn, x: torch.Tensor) -> torch.Tensor:
+    # fn(x) correctly rounded to float32 (evaluated in float64): the same value on every
+    # CPU and torch build, and within an ulp of any float32 library (numpy, libdevice)
+    return fn(x.double()).float()
+
+
+def box_muller(u1: torch.Tensor, u2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """triton's pair_uniform_to_normal; every product rounded to float32 as Triton does."""
+    u1 = torch.clamp_min(u1, torch.tensor(U1_MIN, dtype=torch.float32).item())
+    th = u2 * torch.tensor(TWO_PI, dtype=torch.float32).item()  # float32 product
+    r = _f32(torch.sqrt, _f32(torch.log, u1) * -2.0)
+    return r * _f32(torch.cos, th), r * _f32(torch.sin, th)
+
+
+def _seed_tensor(seeds, device) -> torch.Tensor:
+    if isinstance(seeds, torch.Tensor):
+        s = seeds.reshape(-1)
+        if s.dtype.is_floating_point or s.dtype == torch.bool:
+            raise TypeError(f"seeds must be integers, got {s.dtype}")
+        s = s.to(device=device, dtype=torch.int64)
+    else:
+        seq = [seeds] if isinstance(seeds, int) else list(seeds)
+        for v in seq:
+            if not (0 <= int(v) < 2**63):
+                raise ValueError(f"seed {v} outside [0, 2**63)")
+        s = torch.tensor([int(v) for v in seq], dtype=torch.int64, device=device)
+    # checked on the host only: on a GPU this would sync, and the sampler's seeds were
+    # checked when they entered (fastdiff.seeds.as_seeds); a captured loop calls this
+    if s.device.type == "cpu" and s.numel() and bool((s < 0).any()):
+        raise ValueError("seeds must be non-negative")
+    return s
+
+
+def randn(
+    seeds: Sequence[int] | torch.Tensor | int,
+    step: int,
+    stream: int,
+    shape: Sequence[int] | int,
+    *,
+    device=None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Standard normals [B, *shape]; sample b depends only on (seeds[b], step, stream, element)."""
+    if device is None:
+        device = seeds.device if isinstance(seeds, torch.Tensor) else "cpu"
+    device = torch.device(device)
+    shape = (shape,) if isinstance(shape, int) else tuple(int(d) for d in shape)
+    if not (0 <= int(step) <= MASK32):
+        raise ValueError(f"step must be in [0, 2**32), got {step}")
+    if not (0 <= int(stream) <= MASK32):
+        raise ValueError(f"stream must be in [0, 2**32), got {stream}")
+    s = _seed_tensor(seeds, device)  # [B]
+    numel = 1
+    for d in shape:
+        numel *= d
+    n4 = (numel + 3) // 4
+    if n4 > MASK32 + 1:
+        raise ValueError(f"at most 2**34 elements per sample (counter c0 is 32-bit), got {numel}")
+    B = s.shape[0]
+    z = torch.empty(B, n4, 4, dtype=torch.float32, device=device)
+    key0 = (s & MASK32)[:, None]  # [B, 1]
+    key1 = (s >> 32)[:, None]
+    # chunks of ~2^20 counters bound the int64 temporaries (~8 MB each)
+    rows = max(1, _CHUNK // max(n4, 1))
+    cols = min(n4, _CHUNK)
+    for b0 in range(0, B, rows):
+        for i0 in range(0, n4, cols):
+            c0 = torch.arange(i0, min(i0 + cols, n4), dtype=torch.int64, device=device)[None, :]
+            r = philox4x32(key0[b0:b0 + rows], key1[b0:b0 + rows], c0, int(step), int(stream), 0)
+            n0, n1 = box_muller(uint_to_uniform(r[0]), uint_to_uniform(r[1]))
+            n2, n3 = box_muller(uint_to_uniform(r[2]), uint_to_uniform(r[3]))
+            z[b0:b0 + rows, i0:i0 + cols] = torch.stack((n0, n1, n2, n3), dim=-1)
+    return z.reshape(B, 4 * n4)[:, :numel].reshape(B, *shape).to(dtype)
