@@ -1,41 +1,13 @@
 """The captured loop: static buffers and baked constants equal a plain loop; on CUDA, one graph."""
-import math
-
 import pytest
 import torch
 
-from fastdiff import Sampler, Schedule, rng
-from fastdiff.solvers.table import STREAM_INIT, STREAM_STEP, history_slots
+from fastdiff import Sampler, Schedule
 from gaussian_model import GaussianDenoiser
+from reference_loop import plain_loop
 
 SCHEDULE = Schedule.linear()
 SOLVERS = ["ddpm", "ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc"]
-
-
-def plain_loop(model, table, seeds, shape, cond=None, uncond=None, w=None):
-    """The simplest loop over a table: fresh tensors every step, no static buffers."""
-    x = rng.randn(seeds, 0, STREAM_INIT, shape) * table.init_noise_sigma
-    point = x.clone()
-    history = [None] * max(table.history_len, 1)
-    for r, (slots, dest) in enumerate(history_slots(table)):
-        p = point if table.point is not None else x
-        t = torch.full((len(seeds),), float(table.t_model[r]))
-        x_in = float(table.c_in[r]) * p
-        if w is None:
-            out = model(x_in, t, **(cond or {}))
-        else:
-            u, c = model(x_in, t, **uncond), model(x_in, t, **cond)
-            out = u + w * (c - u)
-        D = float(table.d_point[r]) * p + float(table.d_out[r]) * out
-        z = rng.randn(seeds, r, STREAM_STEP, shape)
-        V = [x, D, D] + [history[s] for s in slots] + [None] * (3 - len(slots)) + [z]
-        comb = lambda row: sum(c * v for c, v in zip(row.tolist(), V) if c != 0)  # noqa: E731
-        x_next = comb(table.state[r])
-        point = comb(table.point[r]) if table.point is not None else x_next
-        if dest is not None:
-            history[dest] = D
-        x = x_next
-    return x
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
