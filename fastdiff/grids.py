@@ -2,8 +2,8 @@
 
 A Grid lists, per step i, the model timestep t[i] (fractional for sigma grids), the
 noise level abar[i] the model sees there, and the level abar_to[i] the step lands on.
-Usually abar_to[i] == abar[i+1]; diffusers' DDPM/DDIM instead step to t - T//N (a fixed
-stride), which differs under `trailing`/`linspace` spacing; we reproduce that for them.
+Usually abar_to[i] == abar[i+1]; diffusers' DDIM instead steps to t - T//N (a fixed
+stride), which differs under `trailing`/`linspace` spacing; we reproduce that for it.
 """
 from __future__ import annotations
 
@@ -69,10 +69,35 @@ def exponential_sigmas(sigma_min: float, sigma_max: float, steps: int) -> torch.
     return torch.linspace(np.log(sigma_max), np.log(sigma_min), steps, dtype=F64).exp()
 
 
+def explicit_grid(schedule: Schedule, sigmas, timesteps=None) -> Grid:
+    """A grid from explicit VE sigmas [N+1], as diffusers' `scheduler.sigmas`: step i goes from
+    sigmas[i] to sigmas[i+1] (0: the data). The model sees `timesteps` [N] (non-increasing), or
+    t_at(sigmas) when None: diffusers may round the model's timestep while keeping the exact level."""
+    T = schedule.num_train_timesteps
+    s = torch.as_tensor(sigmas, dtype=F64).flatten()
+    if s.numel() < 2 or bool(torch.isnan(s).any()) or bool((s[:-1] <= 0).any()) or bool((s[-1] < 0).any()):
+        raise ValueError("explicit sigmas need N+1 >= 2 values: positive, then a final one >= 0")
+    if bool((s[1:] > s[:-1]).any()):
+        raise ValueError("explicit sigmas must be non-increasing")
+    if timesteps is None:
+        t = schedule.t_at(s[:-1])
+    else:
+        t = torch.as_tensor(timesteps, dtype=F64).flatten()
+        if t.numel() != s.numel() - 1:
+            raise ValueError(f"timesteps must have len(sigmas) - 1 = {s.numel() - 1} entries, got {t.numel()}")
+        if bool((t[1:] > t[:-1]).any()) or bool((t < 0).any() or (t > T - 1).any()):
+            raise ValueError(f"timesteps must be non-increasing and lie in [0, {T - 1}]")
+    abar_all = 1.0 / (1.0 + s**2)  # sigma = inf (zero SNR) gives abar = 0
+    return Grid(t, abar_all[:-1], abar_all[1:])
+
+
 def make_grid(schedule: Schedule, steps: int, *, spacing: str = "trailing", steps_offset: int = 0,
-              sigmas: str | None = None, rho: float = 7.0, final_abar: float = 1.0, stride_prev: bool = False,
+              sigmas=None, rho: float = 7.0, final_abar: float = 1.0, stride_prev: bool = False,
               timesteps=None) -> Grid:
-    """The grid a solver walks. `timesteps` (explicit, decreasing) overrides spacing."""
+    """The grid a solver walks. `timesteps` (explicit, decreasing) overrides spacing;
+    `sigmas` is a named grid (SIGMA_GRIDS) or explicit VE sigmas [N+1] (see explicit_grid)."""
+    if sigmas is not None and not isinstance(sigmas, str):
+        return explicit_grid(schedule, sigmas, timesteps)
     T = schedule.num_train_timesteps
     abar_train = schedule.alphas_cumprod
     if timesteps is not None:

@@ -33,26 +33,34 @@ def add_noise(x0: torch.Tensor, t, schedule: Schedule, *, noise: torch.Tensor | 
     STREAM_FORWARD, element): the same on every device and batch composition.
     backend "triton" (the default on CUDA) draws z inside one fused kernel.
     """
+    return noise_to_level(x0, _abar_per_sample(t, schedule, x0.shape[0]), noise=noise, seeds=seeds, step=step,
+                          backend=backend)
+
+
+def noise_to_level(x0: torch.Tensor, abar, *, noise: torch.Tensor | None = None, seeds=None, step: int = 0,
+                   backend: str = "auto") -> torch.Tensor:
+    """add_noise at explicit per-sample levels abar [B] (or a scalar) instead of timesteps."""
     B = x0.shape[0]
-    abar = _abar_per_sample(t, schedule, B).to(x0.device)
+    abar = torch.as_tensor(abar, dtype=torch.float64).to(x0.device)
+    abar = abar.expand(B) if abar.ndim == 0 else abar
+    if abar.shape != (B,):
+        raise ValueError(f"abar must be a scalar or have shape [{B}], got {tuple(abar.shape)}")
     if noise is None and seeds is None:
         raise ValueError("add_noise needs either noise or seeds")
     if noise is not None and noise.shape != x0.shape:
         raise ValueError(f"noise shape {tuple(noise.shape)} != x0 shape {tuple(x0.shape)}")
-    if seeds is not None:
-        seeds = as_seeds(seeds, B, x0.device)
-    use_triton = backend == "triton" or (backend == "auto" and x0.is_cuda)
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"unknown backend {backend!r}; allowed: auto, torch, triton")
-    if use_triton:
+    if seeds is not None:
+        seeds = as_seeds(seeds, B, x0.device)
+    if backend == "triton" or (backend == "auto" and x0.is_cuda):
         from fastdiff.kernels import forward_noise
 
-        return forward_noise(x0, abar.float(), seeds if seeds is not None else torch.zeros(B, dtype=torch.int64,
-                             device=x0.device), step=step, noise=noise)
+        if seeds is None:
+            seeds = torch.zeros(B, dtype=torch.int64, device=x0.device)
+        return forward_noise(x0, abar, seeds, step=step, noise=noise)
     if noise is None:
         noise = rng.randn(seeds, step, STREAM_FORWARD, x0.shape[1:], device=x0.device)
     shape = (B,) + (1,) * (x0.ndim - 1)
-    a = abar.sqrt().reshape(shape)
-    s = (1.0 - abar).sqrt().reshape(shape)
-    out = a * x0.double() + s * noise.double()
+    out = abar.sqrt().reshape(shape) * x0.double() + (1.0 - abar).sqrt().reshape(shape) * noise.double()
     return out.to(x0.dtype)

@@ -19,7 +19,7 @@ from .executors import EXECUTORS, resolve_backend
 from .grids import SIGMA_GRIDS, SPACINGS, make_grid
 from .guidance import Thresholding
 from .loop import Loop, LoopBuffers
-from .noising import add_noise
+from .noising import noise_to_level
 from .schedules import Schedule
 from .seeds import as_seeds
 from .solvers import STRIDE_PREV, build_table, check_solver, langevin
@@ -44,7 +44,7 @@ class Sampler:
 
     def __init__(self, model, schedule: Schedule, solver: str = "dpmpp_2m", steps: int = 20,
                  prediction: str = "epsilon", spacing: str = "trailing", eta: float = 0.0,
-                 guidance_scale: float | None = None, *, steps_offset: int = 0, sigmas: str | None = None,
+                 guidance_scale: float | None = None, *, steps_offset: int = 0, sigmas=None,
                  rho: float = 7.0, timesteps=None, variance: str = "fixed_small", solver_order: int = 2,
                  lower_order_final: bool = True, final_alpha_cumprod: float = 1.0, clip_sample: bool = False,
                  clip_range: float = 1.0, thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
@@ -59,12 +59,14 @@ class Sampler:
         self.solver = check_solver(solver)
         self.prediction = check_prediction(prediction)
         T = schedule.num_train_timesteps
-        if timesteps is None and (not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= T):
+        explicit_sigmas = sigmas is not None and not isinstance(sigmas, str)  # VE sigmas [N+1], see grids
+        if timesteps is None and not explicit_sigmas and (
+                not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= T):
             raise ValueError(f"steps must be an integer in [1, num_train_timesteps={T}], got {steps!r}")
         if spacing not in SPACINGS:
             raise ValueError(f"unknown spacing {spacing!r}; allowed: {', '.join(SPACINGS)}")
-        if sigmas is not None and sigmas not in SIGMA_GRIDS:
-            raise ValueError(f"unknown sigmas {sigmas!r}; allowed: None, {', '.join(SIGMA_GRIDS)}")
+        if isinstance(sigmas, str) and sigmas not in SIGMA_GRIDS:
+            raise ValueError(f"unknown sigmas {sigmas!r}; allowed: None, {', '.join(SIGMA_GRIDS)} or explicit values")
         if not (isinstance(eta, (int, float)) and eta >= 0):
             raise ValueError(f"eta must be >= 0, got {eta!r}")
         if variance not in VARIANCES:
@@ -160,8 +162,8 @@ class Sampler:
             x0 = x_T * table.init_noise_sigma
         else:
             # forward-noise init to the first step's level with x_T as the noise (SDEdit)
-            t0 = self.grid.t[start].expand(B)
-            x0 = add_noise(init.to(self.device, torch.float32), t0, self.schedule, noise=x_T)
+            abar = float(self.grid.abar[start])
+            x0 = noise_to_level(init.to(self.device, torch.float32), abar, noise=x_T)
             if table.space == "ve":
                 x0 = x0 / math.sqrt(float(self.grid.abar[start]))
         kwargs = _batched_kwargs(cond, uncond, cfg, B, self.device)

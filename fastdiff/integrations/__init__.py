@@ -1,0 +1,1 @@
+"""Adapters to other libraries (diffusers.py: schedulers and pipelines); each imports its library lazily."""

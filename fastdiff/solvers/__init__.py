@@ -29,8 +29,8 @@ BUILDERS = {
 }
 SOLVERS = tuple(BUILDERS)
 STOCHASTIC = ("ddpm", "euler_ancestral", "dpmpp_2m_sde")  # ddim too when eta > 0
-# diffusers' DDPM/DDIM step to t - T//N rather than to the next listed timestep
-STRIDE_PREV = ("ddpm", "ddim")
+# diffusers' DDIM steps to t - T//N rather than to the next listed timestep (its DDPM does not)
+STRIDE_PREV = ("ddim",)
 
 
 def check_solver(solver: str) -> str:

@@ -46,7 +46,9 @@ def _build(name: str, grid: Grid, prediction: str, sde: bool, solver_order: int,
             x_coef, d_coef, z = sigma_t / sigma_s * e1, alpha_t * (1 - e1 * e1), sigma_t * math.sqrt(1 - e1 * e1)
         else:
             x_coef, d_coef, z = sigma_t / sigma_s, -alpha_t * (e1 - 1), 0.0
-        if orders[i] == 1:
+        if h == 0:  # a zero-length step (karras grid ending at sigma_min): the identity
+            row = vec(x=1)
+        elif orders[i] == 1 or lam_s == lam_prev:
             row = vec(x=x_coef, D=d_coef, z=z)
         else:
             r = (lam_s - lam_prev) / h

@@ -41,6 +41,10 @@ def predictor(levels, order: int) -> dict:
     if sigma_t == 0:  # landing on the data: x_t = alpha_t m0
         return {"x": 0.0, "m0": alpha_t, "m1": 0.0}
     h = lam_t - lam_s0
+    if h == 0:  # a zero-length step: the identity
+        return {"x": 1.0, "m0": 0.0, "m1": 0.0}
+    if order == 2 and lam_prev == lam_s0:
+        order = 1
     phi_1, B_h, _ = _phis(h, order)
     c = {"x": sigma_t / sigma_s0, "m0": -alpha_t * phi_1, "m1": 0.0}
     if order == 2:
@@ -56,6 +60,10 @@ def corrector(levels, order: int) -> dict:
     """Coefficients of UniC over (x = last state, m0 = D at s0, m1 = D before, mt = new D)."""
     lam_prev, (_, sigma_s0, lam_s0), (alpha_t, sigma_t, lam_t) = levels
     h = lam_t - lam_s0
+    if h == 0:  # after a zero-length step there is nothing to correct
+        return {"x": 1.0, "m0": 0.0, "m1": 0.0, "mt": 0.0}
+    if order == 2 and lam_prev == lam_s0:
+        order = 1
     phi_1, B_h, b = _phis(h, order)
     c = {"x": sigma_t / sigma_s0, "m0": -alpha_t * phi_1, "m1": 0.0, "mt": 0.0}
     if order == 1:

@@ -1,0 +1,454 @@
+"""diffusers interop: a Sampler equivalent to a diffusers scheduler, and accelerated pipelines.
+
+    sampler = fastdiff.Sampler.from_diffusers(pipe.scheduler, pipe.unet, steps=25)
+    pipe = fastdiff.integrations.diffusers.accelerate(pipe)   # same images, fastdiff's loop
+
+A scheduler maps to a solver (checked against diffusers 0.42.1):
+
+    DDPMScheduler                     ddpm             DDIMScheduler          ddim (eta from step())
+    EulerDiscreteScheduler            euler            HeunDiscreteScheduler  heun
+    EulerAncestralDiscreteScheduler   euler_ancestral  UniPCMultistepScheduler  unipc (bh2)
+    DPMSolverMultistepScheduler       dpmpp_2m (dpmsolver++) / dpmpp_2m_sde (sde-dpmsolver++)
+
+The grid is the scheduler's own: a fresh copy of it runs set_timesteps(N) and fastdiff walks
+its timesteps (and, for sigma-based schedulers, its sigmas), so every spacing and sigma
+option diffusers has (karras, exponential, beta, lu lambdas, final_sigmas_type, steps_offset,
+lambda_min_clipped...) is reproduced exactly; DDIM keeps its t - T//N stride natively.
+The math options map to Sampler options; any option fastdiff cannot reproduce raises
+NotImplementedError naming it; we never silently give different images. The betas are
+rebuilt in float64 from the config. diffusers is imported lazily: the core never needs it.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import math
+
+import torch
+
+from ..sampler import Sampler
+from ..schedules import Schedule
+
+# Sampler options that do not change what a scheduler computes; they pass through.
+RUNTIME_OPTIONS = ("guidance_scale", "guidance_rescale", "classifier", "classifier_scale", "corrector",
+                   "corrector_steps", "snr", "backend", "graph", "compile", "max_graphs", "device", "dtype")
+# Keywords of diffusers' scheduler.step() that a caller may pass (as pipelines do).
+STEP_OPTIONS = ("eta", "use_clipped_model_output", "s_churn", "s_tmin", "s_tmax", "s_noise")
+# Config fields that only shape set_timesteps' grid, which fastdiff takes from diffusers as is.
+GRID_FIELDS = ("timestep_spacing", "steps_offset", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+               "sigma_min", "sigma_max", "interpolation_type", "final_sigmas_type", "lambda_min_clipped",
+               "use_lu_lambdas")
+SCHEDULE_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                   "rescale_betas_zero_snr")
+
+
+def sampler_from_diffusers(scheduler_or_config, model, steps: int, **overrides) -> Sampler:
+    """A Sampler that computes what `scheduler` does in diffusers' loop with `steps` steps.
+
+    scheduler_or_config: a diffusers scheduler, or its config (with `_class_name`).
+    overrides: scheduler config fields (as diffusers' from_config(**kwargs)), step() keywords
+    (eta, use_clipped_model_output, s_churn...) and Sampler runtime options (RUNTIME_OPTIONS).
+    """
+    scheduler = _fresh_scheduler(scheduler_or_config, overrides)
+    step_kw = {k: overrides.pop(k) for k in STEP_OPTIONS if k in overrides}
+    unknown = [k for k in overrides if k not in RUNTIME_OPTIONS]
+    if unknown:
+        raise ValueError(f"from_diffusers: {', '.join(unknown)} is neither a {type(scheduler).__name__} config "
+                         f"field, a step() keyword nor a runtime option ({', '.join(RUNTIME_OPTIONS)})")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    name = type(scheduler).__name__
+    if name not in TRANSLATORS:
+        raise NotImplementedError(f"fastdiff cannot run {name}; supported: {', '.join(TRANSLATORS)}")
+    scheduler.set_timesteps(steps)
+    schedule = schedule_from_config(scheduler)
+    options, handled = TRANSLATORS[name](scheduler, scheduler.config, steps, step_kw, schedule)
+    _refuse_other_fields(scheduler, handled)
+    sampler = Sampler(model, schedule, steps=steps, **options, **overrides)
+    _check_grid(sampler, scheduler)
+    return sampler
+
+
+# ---- the scheduler and its schedule ----------------------------------------------------
+def _fresh_scheduler(scheduler_or_config, overrides: dict):
+    """A new scheduler of the same class and config (plus config overrides): never the caller's."""
+    import diffusers
+
+    if isinstance(scheduler_or_config, diffusers.SchedulerMixin):
+        cls, config = type(scheduler_or_config), scheduler_or_config.config
+    elif isinstance(scheduler_or_config, dict):
+        config = scheduler_or_config
+        name = config.get("_class_name")
+        cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+        if cls is None:
+            raise ValueError(f"a scheduler config needs `_class_name` naming a diffusers scheduler, got {name!r}")
+    else:
+        raise ValueError(f"expected a diffusers scheduler or its config, got {type(scheduler_or_config).__name__}")
+    fields = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    config_kw = {k: overrides.pop(k) for k in list(overrides) if k in fields}
+    return cls.from_config(config, **config_kw)
+
+
+def schedule_from_config(scheduler) -> Schedule:
+    """The scheduler's betas as a float64 Schedule (diffusers builds them in float32)."""
+    c = scheduler.config
+    T = c.num_train_timesteps
+    if c.get("trained_betas") is not None:
+        schedule = Schedule.from_betas(c.trained_betas, name="trained")
+    elif c.beta_schedule == "linear":
+        schedule = Schedule.linear(T, c.beta_start, c.beta_end)
+    elif c.beta_schedule == "scaled_linear":
+        schedule = Schedule.scaled_linear(T, c.beta_start, c.beta_end)
+    elif c.beta_schedule == "squaredcos_cap_v2":
+        schedule = Schedule.cosine(T)
+    else:  # e.g. DDPM's "sigmoid", Heun's "exp": exactly diffusers' float32 betas (rescaled if asked)
+        return Schedule.from_betas(scheduler.betas.double(), name=c.beta_schedule)
+    if c.get("rescale_betas_zero_snr", False):
+        # sigma-based schedulers floor the last alphas_cumprod at 2^-24 (sigma_max = 4096); that
+        # floor lives in the sigmas they list, which fastdiff walks as given
+        schedule = schedule.rescale_zero_terminal_snr()
+    return schedule
+
+
+def _unsupported(scheduler, field: str, value, why: str = ""):
+    raise NotImplementedError(f"{type(scheduler).__name__} with {field}={value!r} is not supported by fastdiff"
+                              + (f": {why}" if why else ""))
+
+
+def _refuse_other_fields(scheduler, handled: tuple) -> None:
+    """Any config field we do not translate must hold its default (guards future diffusers options)."""
+    defaults = {p.name: p.default for p in inspect.signature(type(scheduler).__init__).parameters.values()}
+    for k, v in scheduler.config.items():
+        if k.startswith("_") or k in handled or k in SCHEDULE_FIELDS or k in GRID_FIELDS:
+            continue
+        if k in defaults and _same(v, defaults[k]):
+            continue
+        _unsupported(scheduler, k, v)
+
+
+def _same(a, b) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # array-valued
+        return False
+
+
+def _step_kw(scheduler, step_kw: dict, allowed: dict) -> dict:
+    """step() keywords this scheduler takes, with defaults; others are refused."""
+    for k, v in step_kw.items():
+        if k not in allowed:
+            raise ValueError(f"{type(scheduler).__name__}.step() takes no {k!r}")
+    return {**allowed, **step_kw}
+
+
+def _thresholds(c) -> dict:
+    return dict(thresholding=bool(c.get("thresholding", False)),
+                dynamic_thresholding_ratio=c.get("dynamic_thresholding_ratio", 0.995),
+                sample_max_value=c.get("sample_max_value", 1.0),
+                clip_sample=bool(c.get("clip_sample", False)), clip_range=c.get("clip_sample_range", 1.0))
+
+
+def _explicit_grid(timesteps, sigmas) -> dict:
+    """Pass diffusers' own grid: model timesteps [N] and VE sigmas [N+1]."""
+    return dict(timesteps=timesteps.double(), sigmas=sigmas.double())
+
+
+# ---- one translator per scheduler: (Sampler options, config fields handled) ---------------
+# translate(scheduler after set_timesteps(N), its config, N, step() keywords, float64 Schedule)
+def _ddpm(s, c, N, step_kw, schedule):
+    _step_kw(s, step_kw, {})
+    variance = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large"}
+    if c.variance_type not in variance:  # fixed_small_log draws the same std as fixed_small
+        _unsupported(s, "variance_type", c.variance_type, "learned variances need the model's variance output")
+    # diffusers' DDPM steps to the next listed timestep, so the grid is its timesteps as listed
+    return dict(solver="ddpm", prediction=c.prediction_type, timesteps=s.timesteps.double(),
+                variance=variance[c.variance_type], **_thresholds(c)), (
+        "variance_type", "prediction_type", "clip_sample", "clip_sample_range", "thresholding",
+        "dynamic_thresholding_ratio", "sample_max_value")
+
+
+def _ddim(s, c, N, step_kw, schedule):
+    kw = _step_kw(s, step_kw, {"eta": 0.0, "use_clipped_model_output": False})
+    th = _thresholds(c)
+    if kw["use_clipped_model_output"] and (th["clip_sample"] or th["thresholding"]):
+        _unsupported(s, "use_clipped_model_output", True, "fastdiff's DDIM takes epsilon from the raw model output")
+    final = 1.0 if c.set_alpha_to_one else float(schedule.alphas_cumprod[0])
+    # native grid: fastdiff reproduces DDIM's t - T//N stride; _check_grid compares timesteps
+    return dict(solver="ddim", prediction=c.prediction_type, spacing=c.timestep_spacing,
+                steps_offset=c.steps_offset, final_alpha_cumprod=final, eta=float(kw["eta"]), **th), (
+        "set_alpha_to_one", "prediction_type", "clip_sample", "clip_sample_range", "thresholding",
+        "dynamic_thresholding_ratio", "sample_max_value")
+
+
+def _euler_family(solver):
+    def translate(s, c, N, step_kw, schedule):
+        if solver == "euler":
+            kw = _step_kw(s, step_kw, {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0})
+            if kw["s_churn"] != 0:
+                _unsupported(s, "s_churn", kw["s_churn"], "stochastic churn is not a fastdiff solver")
+            if c.timestep_type == "continuous" and c.prediction_type == "v_prediction":
+                _unsupported(s, "timestep_type", "continuous", "the model would see 0.25 log(sigma), not a timestep")
+        else:
+            _step_kw(s, step_kw, {})
+        if solver == "euler_ancestral" and c.prediction_type == "sample":
+            _unsupported(s, "prediction_type", "sample", "diffusers does not implement it either")
+        if solver == "heun":  # timesteps [t0, t1, t1, ...], sigmas [s0, s1, s1, ..., 0]: one of each pair
+            grid = _explicit_grid(s.timesteps[0::2], torch.cat([s.sigmas[0:-1:2], s.sigmas[-1:]]))
+        else:
+            grid = _explicit_grid(s.timesteps, s.sigmas[: N + 1])  # log_linear lists N+2; the loop uses N+1
+        th = _thresholds(c) if solver == "heun" else {}
+        return dict(solver=solver, prediction=c.prediction_type, spacing=c.timestep_spacing, **grid, **th), (
+            "prediction_type", "timestep_type", "clip_sample", "clip_sample_range")
+    return translate
+
+
+def _dpm(s, c, N, step_kw, schedule):
+    _step_kw(s, step_kw, {})
+    solvers = {"dpmsolver++": "dpmpp_2m", "sde-dpmsolver++": "dpmpp_2m_sde"}
+    if c.algorithm_type not in solvers:
+        _unsupported(s, "algorithm_type", c.algorithm_type, "only dpmsolver++ and sde-dpmsolver++ (data prediction)")
+    if c.solver_order not in (1, 2):
+        _unsupported(s, "solver_order", c.solver_order, "orders 1 and 2 only")
+    if c.solver_order == 2 and c.solver_type != "midpoint":
+        _unsupported(s, "solver_type", c.solver_type, "the second-order update is the midpoint one")
+    if c.variance_type is not None:
+        _unsupported(s, "variance_type", c.variance_type)
+    if c.use_flow_sigmas or c.prediction_type == "flow_prediction":
+        _unsupported(s, "use_flow_sigmas", c.use_flow_sigmas, "flow matching is not a variance-preserving schedule")
+    last_first_order = c.final_sigmas_type == "zero" or (c.lower_order_final and N < 15) or c.solver_order == 1
+    if c.euler_at_final and not last_first_order:
+        _unsupported(s, "euler_at_final", True)
+    return dict(solver=solvers[c.algorithm_type], prediction=c.prediction_type, solver_order=c.solver_order,
+                lower_order_final=c.lower_order_final, **_explicit_grid(s.timesteps, s.sigmas), **_thresholds(c)), (
+        "algorithm_type", "solver_order", "solver_type", "variance_type", "use_flow_sigmas", "prediction_type",
+        "lower_order_final", "euler_at_final", "thresholding", "dynamic_thresholding_ratio", "sample_max_value",
+        "use_dynamic_shifting", "flow_shift", "time_shift_type")
+
+
+def _unipc(s, c, N, step_kw, schedule):
+    _step_kw(s, step_kw, {})
+    if c.solver_type != "bh2":
+        _unsupported(s, "solver_type", c.solver_type, "UniPC bh2 only")
+    if c.solver_order not in (1, 2):
+        _unsupported(s, "solver_order", c.solver_order, "orders 1 and 2 only")
+    if not c.predict_x0:
+        _unsupported(s, "predict_x0", False, "UniPC with data prediction only")
+    if c.disable_corrector:
+        _unsupported(s, "disable_corrector", c.disable_corrector)
+    if c.solver_p is not None:
+        _unsupported(s, "solver_p", c.solver_p)
+    if c.use_flow_sigmas or c.prediction_type == "flow_prediction":
+        _unsupported(s, "use_flow_sigmas", c.use_flow_sigmas, "flow matching is not a variance-preserving schedule")
+    if not c.lower_order_final and c.solver_order == 2 and float(s.sigmas[-1]) == 0:
+        # diffusers' second-order predictor onto sigma = 0 divides by h = inf and returns non-finite values
+        _unsupported(s, "lower_order_final", False, "with final_sigmas_type='zero' diffusers' last step is undefined")
+    return dict(solver="unipc", prediction=c.prediction_type, solver_order=c.solver_order,
+                lower_order_final=c.lower_order_final, **_explicit_grid(s.timesteps, s.sigmas), **_thresholds(c)), (
+        "solver_type", "solver_order", "predict_x0", "disable_corrector", "solver_p", "use_flow_sigmas",
+        "prediction_type", "lower_order_final", "thresholding", "dynamic_thresholding_ratio", "sample_max_value",
+        "use_dynamic_shifting", "time_shift_type", "flow_shift", "shift_terminal")
+
+
+TRANSLATORS = {
+    "DDPMScheduler": _ddpm,
+    "DDIMScheduler": _ddim,
+    "EulerDiscreteScheduler": _euler_family("euler"),
+    "EulerAncestralDiscreteScheduler": _euler_family("euler_ancestral"),
+    "HeunDiscreteScheduler": _euler_family("heun"),
+    "DPMSolverMultistepScheduler": _dpm,
+    "UniPCMultistepScheduler": _unipc,
+}
+
+
+def _check_grid(sampler: Sampler, scheduler) -> None:
+    """The last guard: the model must see diffusers' timesteps, levels and initial scale."""
+    ours, theirs = sampler.timesteps.float(), scheduler.timesteps.float().cpu()
+    if ours.shape != theirs.shape or not torch.equal(ours, theirs):
+        raise NotImplementedError(f"fastdiff's grid differs from {type(scheduler).__name__}'s for this config: "
+                                  f"timesteps {ours.tolist()} vs {theirs.tolist()}")
+    init = float(scheduler.init_noise_sigma)
+    if not math.isclose(sampler.init_noise_sigma, init, rel_tol=1e-5):
+        raise NotImplementedError(f"init_noise_sigma {sampler.init_noise_sigma} differs from diffusers' {init}")
+
+
+# ---- pipelines ------------------------------------------------------------------------
+PIPELINES = ("DDPMPipeline", "DDIMPipeline", "StableDiffusionPipeline")
+
+
+def seeds_from_generator(generator, batch: int) -> list[int]:
+    """Per-sample seeds for fastdiff's counter-based noise, drawn from the pipeline's generator(s)."""
+    if generator is None:
+        return torch.randint(0, 2**62, (batch,)).tolist()
+    if isinstance(generator, list):
+        if len(generator) != batch:
+            raise ValueError(f"got {len(generator)} generators for a batch of {batch}")
+        return [int(torch.randint(0, 2**62, (1,), generator=g, device=g.device)) for g in generator]
+    return torch.randint(0, 2**62, (batch,), generator=generator, device=generator.device).tolist()
+
+
+def accelerate(pipe, graph="auto", compile: bool = False) -> "AcceleratedPipeline":
+    """`pipe` with its denoising loop run by fastdiff (the pipeline's unet and scheduler).
+
+    Supports DDPMPipeline, DDIMPipeline and StableDiffusionPipeline. For the same generator
+    or latents and prompt (embeddings), the images equal the original pipeline's; prompt
+    encoding, latent preparation, the VAE, the safety checker and postprocessing stay the
+    pipeline's own. Stochastic schedulers (DDPM, Euler ancestral, SDE-DPM++, DDIM eta > 0)
+    draw their per-step noise from fastdiff's counter-based generator, keyed by seeds drawn
+    from `generator`: the same distribution as diffusers', not the same draws.
+    graph: "auto" (a CUDA graph on CUDA), True or False; compile: torch.compile the U-Net.
+
+    Not honoured (NotImplementedError): per-step callbacks (`callback_on_step_end`,
+    `callback`/`callback_steps`), since fastdiff runs the whole loop without returning to
+    Python between steps (on CUDA, one captured graph); custom `timesteps`/`sigmas`;
+    IP-adapters; `cross_attention_kwargs`; U-Nets with `time_cond_proj_dim`. `pipe.interrupt`
+    is not checked inside the loop, for the same reason.
+    """
+    return AcceleratedPipeline(pipe, graph=graph, compile=compile)
+
+
+class AcceleratedPipeline:
+    """A diffusers pipeline whose loop is fastdiff's; attributes are the pipeline's (see accelerate)."""
+
+    def __init__(self, pipe, graph="auto", compile: bool = False):
+        kind = type(pipe).__name__
+        if kind not in PIPELINES:
+            raise NotImplementedError(f"accelerate supports {', '.join(PIPELINES)}, not {kind}")
+        if kind == "StableDiffusionPipeline" and pipe.unet.config.time_cond_proj_dim is not None:
+            raise NotImplementedError("accelerate: U-Nets with time_cond_proj_dim (guidance embeddings) are not "
+                                      "supported")
+        self.__dict__.update(pipe=pipe, kind=kind, graph=graph, compile=compile, _samplers={})
+        defaults = inspect.signature(type(pipe).__call__).parameters
+        self.sampler(defaults["num_inference_steps"].default)  # fail early on an unsupported scheduler
+
+    def __getattr__(self, name):
+        if "pipe" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.__dict__["pipe"], name)
+
+    def __setattr__(self, name, value):  # e.g. `apipe.scheduler = ...` swaps the pipeline's scheduler
+        setattr(self.pipe, name, value)
+
+    def __repr__(self) -> str:
+        return f"accelerate({self.kind}, graph={self.graph!r}, compile={self.compile})"
+
+    def to(self, *args, **kwargs) -> "AcceleratedPipeline":
+        self.pipe.to(*args, **kwargs)
+        self._samplers.clear()  # their buffers and graphs live on the old device
+        return self
+
+    def sampler(self, steps: int, **options) -> Sampler:
+        """The cached Sampler (and its graphs) for the current scheduler, U-Net, `steps` and options."""
+        sched, unet, device = self.pipe.scheduler, self.pipe.unet, self.pipe._execution_device
+        config = json.dumps(dict(sched.config), sort_keys=True,
+                            default=lambda v: v.tolist() if hasattr(v, "tolist") else repr(v))
+        key = (type(sched).__name__, config, steps, tuple(sorted(options.items())), id(unet), str(unet.dtype),
+               str(device))
+        if key not in self._samplers:
+            self._samplers[key] = sampler_from_diffusers(sched, unet, steps=steps, graph=self.graph,
+                                                         compile=self.compile, device=device, **options)
+        return self._samplers[key]
+
+    def _progress(self) -> bool:
+        return not getattr(self.pipe, "_progress_bar_config", {}).get("disable", False)
+
+    def _seeds(self, sampler: Sampler, generator, batch: int):
+        # deterministic solvers draw nothing, leaving the generator as diffusers would
+        return seeds_from_generator(generator, batch) if bool(sampler.table.uses_noise().any()) else None
+
+    @torch.no_grad()
+    def __call__(self, *args, **kwargs):
+        bound = inspect.signature(type(self.pipe).__call__).bind(self.pipe, *args, **kwargs)
+        bound.apply_defaults()
+        a = dict(bound.arguments)
+        a.pop("self", None)
+        if self.kind == "StableDiffusionPipeline":
+            return self._call_text_to_image(**a)
+        return self._call_unconditional(**a)
+
+    def _call_unconditional(self, batch_size=1, generator=None, num_inference_steps=1000, output_type="pil",
+                            return_dict=True, eta=0.0, use_clipped_model_output=None):
+        from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+        from diffusers.utils.torch_utils import randn_tensor
+
+        pipe, unet = self.pipe, self.pipe.unet
+        size = unet.config.sample_size
+        shape = (batch_size, unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
+        options = {}
+        if self.kind == "DDIMPipeline":
+            options = dict(eta=float(eta), use_clipped_model_output=bool(use_clipped_model_output))
+        sampler = self.sampler(num_inference_steps, **options)
+        # x_T exactly as the pipeline draws it
+        image = randn_tensor(shape, generator=generator, device=pipe._execution_device, dtype=unet.dtype)
+        pipe.scheduler.set_timesteps(num_inference_steps)
+        x = sampler.sample(noise=image, seeds=self._seeds(sampler, generator, batch_size), progress=self._progress())
+        image = (x.to(unet.dtype) / 2 + 0.5).clamp(0, 1)
+        if output_type != "pt":
+            image = image.cpu().permute(0, 2, 3, 1).numpy()
+            if output_type == "pil":
+                image = pipe.numpy_to_pil(image)
+        pipe.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=image) if return_dict else (image,)
+
+    def _call_text_to_image(self, prompt=None, height=None, width=None, num_inference_steps=50, timesteps=None,
+                            sigmas=None, guidance_scale=7.5, negative_prompt=None, num_images_per_prompt=1, eta=0.0,
+                            generator=None, latents=None, prompt_embeds=None, negative_prompt_embeds=None,
+                            ip_adapter_image=None, ip_adapter_image_embeds=None, output_type="pil", return_dict=True,
+                            cross_attention_kwargs=None, guidance_rescale=0.0, clip_skip=None,
+                            callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",), kwargs=None):
+        from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+
+        pipe = self.pipe
+        refused = dict(timesteps=timesteps, sigmas=sigmas, ip_adapter_image=ip_adapter_image,
+                       ip_adapter_image_embeds=ip_adapter_image_embeds, cross_attention_kwargs=cross_attention_kwargs,
+                       callback_on_step_end=callback_on_step_end, **(kwargs or {}))
+        for name, value in refused.items():
+            if value is not None:
+                raise NotImplementedError(f"accelerate: {name} is not supported (see fastdiff.integrations."
+                                          "diffusers.accelerate)")
+        if not height or not width:
+            size = pipe.unet.config.sample_size
+            h, w = (size, size) if isinstance(size, int) else size
+            height, width = h * pipe.vae_scale_factor, w * pipe.vae_scale_factor
+        pipe.check_inputs(prompt, height, width, None, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                          None, None, list(callback_on_step_end_tensor_inputs))
+        pipe._guidance_scale, pipe._guidance_rescale, pipe._clip_skip = guidance_scale, guidance_rescale, clip_skip
+        pipe._cross_attention_kwargs, pipe._interrupt = None, False
+        if prompt is not None:
+            batch_size = 1 if isinstance(prompt, str) else len(prompt)
+        else:
+            batch_size = prompt_embeds.shape[0]
+        device = pipe._execution_device
+        cfg = pipe.do_classifier_free_guidance
+        prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(
+            prompt, device, num_images_per_prompt, cfg, negative_prompt, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, lora_scale=None, clip_skip=clip_skip)
+
+        accepts_eta = "eta" in inspect.signature(pipe.scheduler.step).parameters
+        options = dict(guidance_rescale=float(guidance_rescale) if cfg else 0.0)
+        if accepts_eta:  # as the pipeline's prepare_extra_step_kwargs
+            options["eta"] = float(eta)
+        sampler = self.sampler(num_inference_steps, **options)
+        pipe.scheduler.set_timesteps(num_inference_steps, device=device)  # the pipeline's scheduler state, as diffusers
+        B = batch_size * num_images_per_prompt
+        latents = pipe.prepare_latents(B, pipe.unet.config.in_channels, height, width, prompt_embeds.dtype, device,
+                                       generator, latents)
+        noise = latents / pipe.scheduler.init_noise_sigma  # fastdiff applies the scale itself
+        cond = {"encoder_hidden_states": prompt_embeds}
+        uncond = {"encoder_hidden_states": negative_prompt_embeds} if cfg else None
+        x = sampler.sample(noise=noise, seeds=self._seeds(sampler, generator, B), cond=cond, uncond=uncond,
+                           guidance_scale=guidance_scale if cfg else None, progress=self._progress())
+        latents = x.to(prompt_embeds.dtype)
+        pipe._num_timesteps = sampler.num_model_evals
+
+        if output_type != "latent":
+            image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False,
+                                    generator=generator)[0]
+            image, nsfw = pipe.run_safety_checker(image, device, prompt_embeds.dtype)
+        else:
+            image, nsfw = latents, None
+        denormalize = [True] * image.shape[0] if nsfw is None else [not n for n in nsfw]
+        image = pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=denormalize)
+        pipe.maybe_free_model_hooks()
+        if not return_dict:
+            return image, nsfw
+        return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=nsfw)
