@@ -11,8 +11,8 @@ Every value is a pure function of (sample seed, step, stream, element index):
 
 The kernels (fastdiff.kernels.philox) draw the same bits, so CPU and GPU noise agree to
 the last ulp of log/cos/sin, and a sample's noise never depends on its batch.
-uint32 arithmetic is done in int64 tensors with masking (products split into 16-bit
-halves so nothing overflows int64).
+uint32 arithmetic is done in int64 tensors with masking; 32x32-bit products use the
+wrapping int64 multiply, whose low 64 bits are the unsigned product's.
 """
 from __future__ import annotations
 
@@ -34,13 +34,13 @@ _CHUNK = 2**20  # counters per vectorized batch in randn
 
 
 def _mul_hi_lo(x: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hi, lo) 32-bit halves of x * m for x in [0, 2^32) (int64) and a uint32 constant m."""
-    m_hi, m_lo = m >> 16, m & 0xFFFF
-    p_hi = x * m_hi  # < 2^48
-    p_lo = x * m_lo  # < 2^48
-    hi = (p_hi + (p_lo >> 16)) >> 16
-    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & MASK32
-    return hi, lo
+    """(hi, lo) 32-bit halves of x * m for x in [0, 2^32) (int64) and a uint32 constant m.
+
+    The int64 product wraps modulo 2^64 (two's complement, as CPU and GPU multipliers do),
+    which keeps all 64 bits of the unsigned product: the masks below recover both halves.
+    """
+    p = x * m
+    return (p >> 32) & MASK32, p & MASK32
 
 
 def _as_u32(v, device) -> torch.Tensor:
