@@ -1,0 +1,272 @@
+"""`fastdiff eval`: sample quality against model evaluations, for every solver, on the digits.
+
+For each (solver, NFE) cell: draw class-conditional samples (seed i gets class i % 10; the
+same seeds in every cell), then judge them with the shipped digits classifier:
+  accuracy  how often the classifier reads the requested class;
+  FD        the Fréchet distance (Heusel et al. 2017) between the Gaussian fitted to the
+            classifier's penultimate features of the samples and that of the real digits.
+heun evaluates the model twice per step except the last, so a budget of nfe evaluations
+runs (nfe + 1) // 2 steps (2 * steps - 1 evaluations: 9 for a budget of 10). The tables are
+by budget; the plot and the per-cell table use the sampler's own count. Writes a markdown
+table and a PNG plot.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SOLVERS = ("ddpm", "ddim", "euler", "heun", "dpmpp_2m", "unipc", "euler_ancestral", "dpmpp_2m_sde")
+NFES = (10, 20, 50, 100, 250)
+EXTRA_CELLS = (("ddpm", 1000),)  # the sampler DDPM was trained for
+DEFAULT_OUT = "benchmarks/results/quality-digits.md"
+
+
+@dataclass
+class Cell:
+    solver: str
+    budget: int  # the NFE column this cell belongs to
+    nfe: int  # model evaluations per sample, as the sampler counts them (heun: budget - 1 if even)
+    steps: int
+    accuracy: float
+    fd: float
+    seconds: float
+    samples: int
+
+
+def steps_for_nfe(solver: str, nfe: int) -> int:
+    """Steps that cost `nfe` model evaluations: Heun's last step is a single Euler step."""
+    return (nfe + 1) // 2 if solver == "heun" else nfe
+
+
+def frechet_distance(mu1: torch.Tensor, cov1: torch.Tensor, mu2: torch.Tensor, cov2: torch.Tensor) -> float:
+    """|mu1 - mu2|^2 + tr(C1 + C2 - 2 (C1 C2)^(1/2)), in float64.
+
+    tr (C1 C2)^(1/2) = sum of sqrt(eigenvalues of C1^(1/2) C2 C1^(1/2)), a symmetric PSD
+    matrix, so symmetric eigendecompositions suffice (no general sqrtm).
+    """
+    mu1, cov1, mu2, cov2 = (v.double().cpu() for v in (mu1, cov1, mu2, cov2))
+    evals, evecs = torch.linalg.eigh(cov1)
+    root1 = evecs @ torch.diag(evals.clamp_min(0).sqrt()) @ evecs.T  # C1^(1/2)
+    middle = root1 @ cov2 @ root1
+    tr_covmean = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(0).sqrt().sum()
+    return float((mu1 - mu2).square().sum() + cov1.trace() + cov2.trace() - 2 * tr_covmean)
+
+
+class Judge:
+    """The shipped digits classifier and the real digits' feature statistics."""
+
+    def __init__(self, device: torch.device):
+        from .models.io import load_model
+        from .models.pretrained import weights_path
+
+        loaded = load_model(weights_path("digits_classifier"), device=device)
+        self.model, self.metadata = loaded.model, loaded.metadata
+        self.mean, self.cov = loaded.extra["feature_mean"], loaded.extra["feature_cov"]
+        self.data_range = tuple(self.metadata.get("data_range", (-1.0, 1.0)))
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+        # images: [N, 1, 16, 16] in data_range; labels: [N]
+        x = images.clamp(*self.data_range).to(self.mean.device)
+        feats = self.model.features(x)  # [N, F]
+        accuracy = (self.model.head(feats).argmax(1) == labels.to(x.device)).double().mean().item()
+        f = feats.double()
+        return accuracy, frechet_distance(f.mean(0), torch.cov(f.T), self.mean, self.cov)
+
+
+def real_digits_floor(judge: Judge, n: int, seed: int = 0) -> tuple[float, float]:
+    """Accuracy and FD of n real digits: the floor a perfect sampler would reach at this n."""
+    from .models.digits import load_digits
+
+    images, labels = load_digits(judge.model.config.image_size)
+    idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
+    return judge(images[idx], labels[idx])
+
+
+def sample_cell(loaded, solver: str, nfe: int, num_samples: int, batch: int, guidance_scale: float,
+                device: torch.device, backend: str):
+    """num_samples class-conditional samples from one (solver, NFE) setting."""
+    from .sampler import Sampler
+
+    meta = loaded.metadata
+    num_classes, null_class = meta["num_classes"], meta.get("null_class", meta["num_classes"])
+    sampler = Sampler(loaded.model, loaded.schedule, solver=solver, steps=steps_for_nfe(solver, nfe),
+                      backend=backend, device=device, **loaded.sampler_options())
+    guided = guidance_scale != 1.0  # w = 1 is exactly the conditional model
+    labels = torch.arange(num_samples) % num_classes  # [N]
+    chunks = []
+    for lo in range(0, num_samples, batch):
+        y = labels[lo:lo + batch].to(device)
+        uncond = {"class_labels": torch.full_like(y, null_class)} if guided else None
+        chunks.append(sampler.sample(shape=(len(y), *meta["image_shape"]), seeds=list(range(lo, lo + len(y))),
+                                     cond={"class_labels": y}, uncond=uncond,
+                                     guidance_scale=guidance_scale if guided else None).cpu())
+    return torch.cat(chunks), labels, sampler
+
+
+def evaluate(loaded, judge: Judge, cells: list[tuple[str, int]], *, num_samples: int, batch: int,
+             guidance_scale: float, device: torch.device, backend: str = "auto", progress: bool = True) -> list[Cell]:
+    from tqdm.auto import tqdm
+
+    results = []
+    bar = tqdm(cells, desc="eval", disable=not progress, dynamic_ncols=True)
+    for solver, nfe in bar:
+        bar.set_postfix_str(f"{solver} @ {nfe}")
+        start = time.perf_counter()
+        images, labels, sampler = sample_cell(loaded, solver, nfe, num_samples, batch, guidance_scale, device,
+                                              backend)
+        seconds = time.perf_counter() - start
+        accuracy, fd = judge(images, labels)
+        results.append(Cell(solver, nfe, sampler.num_model_evals, sampler.steps, accuracy, fd, seconds, num_samples))
+        bar.write(f"{solver:>16} NFE {sampler.num_model_evals:>4}: accuracy {accuracy:.3f}  FD {fd:8.3f}  "
+                  f"({seconds:.0f} s)")
+    return results
+
+
+def write_markdown(results: list[Cell], path: Path, header: dict, floor: tuple[float, float]) -> None:
+    solvers = list(dict.fromkeys(c.solver for c in results))
+    nfes = sorted({c.budget for c in results})
+    by = {(c.solver, c.budget): c for c in results}
+    lines = ["# Sample quality on the digits: classifier accuracy and Fréchet distance vs model evaluations", ""]
+    lines += [f"- {k}: {v}" for k, v in header.items()]
+    lines += [(f"- real digits ({header['samples per cell']} drawn at random): accuracy {floor[0]:.3f}, "
+               f"FD {floor[1]:.3f} (the floor at this sample count)"), ""]
+    for title, fmt in (("Classifier accuracy (higher is better)", lambda c: f"{c.accuracy:.3f}"),
+                       ("Fréchet distance on classifier features (lower is better)", lambda c: f"{c.fd:.2f}")):
+        lines += [f"## {title}", "", "| solver | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+                  "|---|" + "---:|" * len(nfes)]
+        for s in solvers:
+            lines.append(f"| {s} | " + " | ".join(fmt(by[s, n]) if (s, n) in by else "" for n in nfes) + " |")
+        lines.append("")
+    lines += ["## Every cell", "", "| solver | NFE budget | NFE | steps | samples | accuracy | FD | seconds |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {c.solver} | {c.budget} | {c.nfe} | {c.steps} | {c.samples} | {c.accuracy:.3f} | {c.fd:.3f} "
+              f"| {c.seconds:.1f} |" for c in results]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plot(results: list[Cell], path: Path, floor: tuple[float, float], title: str) -> bool:
+    """Accuracy and FD against NFE, one line per solver; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    fig, (ax_fd, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
+    markers, styles = "os^vDP*X", ("-", "--", ":", "-.")  # solvers that coincide (ddim/euler) stay visible
+    for i, solver in enumerate(dict.fromkeys(c.solver for c in results)):
+        cells = sorted((c for c in results if c.solver == solver), key=lambda c: c.nfe)
+        style = {"marker": markers[i % len(markers)], "ls": styles[i % len(styles)], "ms": 5, "label": solver}
+        ax_fd.plot([c.nfe for c in cells], [c.fd for c in cells], **style)
+        ax_acc.plot([c.nfe for c in cells], [c.accuracy for c in cells], **style)
+    ticks = sorted({c.budget for c in results})
+    for ax, value, name in ((ax_fd, floor[1], "Fréchet distance (lower is better)"),
+                            (ax_acc, floor[0], "classifier accuracy (higher is better)")):
+        ax.axhline(value, color="gray", ls="--", lw=1, label="real digits")
+        ax.set_xscale("log")
+        ax.set_xticks(ticks)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("model evaluations per sample (NFE)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    ax_fd.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _int_list(name: str, text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{name} must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{name} must list positive integers, got {text!r}")
+    return values
+
+
+def plan_cells(solvers: list[str], nfes: list[int], extra: bool) -> list[tuple[str, int]]:
+    cells = [(s, n) for s in solvers for n in nfes]
+    if extra:
+        cells += [c for c in EXTRA_CELLS if c[0] in solvers and c not in cells]
+    return cells
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="digits", help="a shipped model name or a .safetensors path")
+    p.add_argument("--solvers", default=",".join(SOLVERS), help="comma-separated (default: all eight)")
+    p.add_argument("--nfes", default=",".join(map(str, NFES)), help="model evaluations per sample, "
+                   "comma-separated (default %(default)s; plus ddpm at 1000 unless --no-ddpm-1000)")
+    p.add_argument("--no-ddpm-1000", action="store_true", help="skip the ddpm cell at 1000 evaluations")
+    p.add_argument("--num-samples", type=int, default=500, help="samples per cell (default %(default)s)")
+    p.add_argument("--batch", type=int, default=250, help="samples per sampler call (default %(default)s)")
+    p.add_argument("--guidance-scale", type=float, default=3.0, help="default %(default)s")
+    p.add_argument("--out", default=DEFAULT_OUT, help="markdown table; the plot goes beside it as .png "
+                   "(default %(default)s)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
+    p.add_argument("--backend", default="auto", help="auto, torch, triton")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def main(args: argparse.Namespace) -> int:
+    from .models.pretrained import PRETRAINED, load_from_file, load_pretrained
+    from .sample_cmd import resolve_device
+    from .solvers import check_solver
+
+    solvers = [check_solver(s.strip()) for s in args.solvers.split(",") if s.strip()]
+    if not solvers:
+        raise ValueError(f"--solvers must name at least one solver; allowed: {', '.join(SOLVERS)}")
+    nfes = _int_list("--nfes", args.nfes)
+    for name in ("num_samples", "batch"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    out = Path(args.out)
+    if out.suffix != ".md":
+        raise ValueError(f"--out must end in .md (the plot is written beside it as .png), got {str(out)!r}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(args.device)
+    loaded = load_pretrained(args.model, device=device) if args.model in PRETRAINED else \
+        load_from_file(args.model, device=device)
+    if loaded.metadata.get("num_classes") is None or loaded.schedule is None:
+        raise ValueError(f"--model {args.model!r}: eval needs a class-conditional diffusion model")
+    judge = Judge(device)
+    cells = plan_cells(solvers, nfes, extra=not args.no_ddpm_1000)
+
+    start = time.perf_counter()
+    results = evaluate(loaded, judge, cells, num_samples=args.num_samples, batch=args.batch,
+                       guidance_scale=args.guidance_scale, device=device, backend=args.backend,
+                       progress=not args.no_progress)
+    total = time.perf_counter() - start
+    floor = real_digits_floor(judge, args.num_samples)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    header = {
+        "model": args.model, "samples per cell": args.num_samples, "classes": "seed i gets class i % 10",
+        "guidance scale": args.guidance_scale,
+        "classifier": f"shipped digits CNN, held-out accuracy {judge.metadata.get('heldout_accuracy')}",
+        "device": device_name, "torch": torch.__version__, "total time": f"{total / 60:.1f} min",
+        "command": "fastdiff eval " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in
+                                               (("solvers", args.solvers), ("nfes", args.nfes),
+                                                ("num_samples", args.num_samples),
+                                                ("guidance_scale", args.guidance_scale))),
+    }
+    write_markdown(results, out, header, floor)
+    plot = out.with_suffix(".png")
+    wrote_plot = write_plot(results, plot, floor, f"digits, {args.num_samples} samples per cell, "
+                                                  f"guidance {args.guidance_scale:g}, {device_name}")
+    print(f"wrote {out}" + (f" and {plot}" if wrote_plot else " (no plot: matplotlib is not installed)")
+          + f" in {total / 60:.1f} min")
+    return 0

@@ -1,0 +1,271 @@
+"""`fastdiff train`: a class-conditional U-Net on scikit-learn's digits, in minutes on a CPU.
+
+The epsilon loss of DDPM (Ho et al. 2020, Alg. 1) with the library's own forward noising,
+label dropout to the null class for classifier-free guidance (Ho & Salimans 2022), an EMA
+of the weights (what ships), AdamW with linear warmup then cosine decay. Writes the EMA
+model (safetensors + JSON), loss.csv and loss.png into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .models.digits import DATA_RANGE, NUM_CLASSES, load_digits
+from .models.io import load_model, save_model
+from .models.unet import UNet, UNetConfig
+from .noising import add_noise
+from .schedules import Schedule
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1500
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    label_dropout: float = 0.1  # probability a label becomes the null class
+    image_size: int = 16
+    base_channels: int = 32
+    channel_mults: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (8,)
+    schedule: str = "linear"
+    num_train_timesteps: int = 1000
+    seed: int = 0
+    max_minutes: float | None = 25.0  # stop early (and save) then: `fastdiff train` stays under 30 min
+    save_every: int = 250  # also save the EMA this often, so an interrupted run leaves weights
+    init: str | None = None  # continue from a saved model (its architecture wins over the fields above)
+
+
+@dataclass
+class TrainResult:
+    model: UNet  # the EMA model, eval mode
+    schedule: Schedule
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    metadata: dict = field(default_factory=dict)
+
+
+def schedule_spec(cfg: TrainConfig) -> dict:
+    """How to rebuild the schedule: stored in the model's JSON metadata."""
+    if cfg.schedule not in ("linear", "cosine"):
+        raise ValueError(f"schedule must be one of linear, cosine; got {cfg.schedule!r}")
+    spec = {"name": cfg.schedule, "num_train_timesteps": cfg.num_train_timesteps}
+    if cfg.schedule == "linear":
+        spec.update(beta_start=1e-4, beta_end=0.02)
+    return spec
+
+
+def build_schedule(spec: dict) -> Schedule:
+    kw = {k: v for k, v in spec.items() if k != "name"}
+    return Schedule.named(spec["name"], **kw)
+
+
+def learning_rate(cfg: TrainConfig, step: int, seconds: float = 0.0) -> float:
+    """Linear warmup, then cosine decay to a tenth of the peak. Progress is the larger of the
+    step fraction and the time fraction of max_minutes, so a slow (shared) CPU still anneals."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    if cfg.max_minutes:
+        progress = max(progress, seconds / (60.0 * cfg.max_minutes))
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+@torch.no_grad()
+def ema_update(ema: UNet, model: UNet, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1.0 - decay)
+
+
+def model_metadata(cfg: TrainConfig, extra: dict) -> dict:
+    return {
+        "dataset": "sklearn digits (8x8, upsampled bilinearly)",
+        "image_shape": [1, cfg.image_size, cfg.image_size],
+        "num_classes": NUM_CLASSES,
+        "null_class": NUM_CLASSES,
+        "data_range": list(DATA_RANGE),
+        "prediction": "epsilon",
+        "schedule": schedule_spec(cfg),
+        "training": {**asdict(cfg), **extra},
+    }
+
+
+def write_loss_curve(losses: list[float], lrs: list[float], times: list[float], out_dir: Path) -> None:
+    """loss.csv always; loss.png when matplotlib is installed."""
+    with open(out_dir / "loss.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "loss", "lr", "seconds"])
+        for i, (loss, lr, s) in enumerate(zip(losses, lrs, times)):
+            w.writerow([i, f"{loss:.6f}", f"{lr:.3e}", f"{s:.2f}"])
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    window = 25  # the per-batch loss is noisy: also plot its trailing mean
+    total = [0.0]
+    for loss in losses:
+        total.append(total[-1] + loss)
+    smooth = [(total[i + 1] - total[max(0, i + 1 - window)]) / min(i + 1, window) for i in range(len(losses))]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(losses, alpha=0.3, lw=0.8, label="per batch")
+    ax.plot(smooth, lw=1.5, label=f"mean of {window}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("epsilon MSE")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("fastdiff train: digits")
+    fig.tight_layout()
+    fig.savefig(out_dir / "loss.png", dpi=100)
+    plt.close(fig)
+
+
+def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = True) -> TrainResult:
+    """Train; when out_dir is given, write digits.safetensors/.json and the loss curve there."""
+    from tqdm.auto import tqdm
+
+    for name in ("steps", "batch_size", "warmup"):
+        if getattr(cfg, name) < (0 if name == "warmup" else 1):
+            raise ValueError(f"{name} must be positive, got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.label_dropout < 1.0:
+        raise ValueError(f"label_dropout must be in [0, 1), got {cfg.label_dropout}")
+    out_dir = Path(out_dir) if out_dir is not None else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the model's initial weights
+    images, labels = load_digits(cfg.image_size)  # [N, 1, S, S], [N]
+    spec = schedule_spec(cfg)
+    schedule = build_schedule(spec)
+    previous = None
+    if cfg.init is not None:  # continue training: the weights (the EMA's) seed both copies
+        previous = load_model(cfg.init)
+        model = previous.model.train().requires_grad_(True)
+        if previous.metadata.get("image_shape", [None, None, cfg.image_size])[-1] != cfg.image_size:
+            raise ValueError(f"init model {cfg.init!r} was trained at another image_size than {cfg.image_size}")
+    else:
+        model = UNet(UNetConfig(
+            image_size=cfg.image_size, base_channels=cfg.base_channels, channel_mults=cfg.channel_mults,
+            num_res_blocks=cfg.num_res_blocks, attention_resolutions=cfg.attention_resolutions,
+            num_groups=math.gcd(32, cfg.base_channels), num_classes=NUM_CLASSES,  # GroupNorm must divide
+        ))
+    ema = UNet(model.config)
+    ema.load_state_dict(model.state_dict())
+    ema.eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    losses, lrs, times = [], [], []
+    start = time.perf_counter()
+    history = {"previous_training": previous.metadata.get("training")} if previous is not None else {}
+    save = None
+    if out_dir is not None:
+        def save(extra: dict) -> None:
+            save_model(ema, out_dir / "digits.safetensors", model_metadata(cfg, {**extra, **history}))
+
+    bar = tqdm(range(cfg.steps), desc="train", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        idx = torch.randint(0, images.shape[0], (cfg.batch_size,), generator=gen)
+        x0, y = images[idx], labels[idx].clone()  # [B, 1, S, S], [B]
+        drop = torch.rand(cfg.batch_size, generator=gen) < cfg.label_dropout
+        y[drop] = NUM_CLASSES  # the null class, so the same model is the unconditional one
+        t = torch.randint(0, cfg.num_train_timesteps, (cfg.batch_size,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        x_t = add_noise(x0, t, schedule, noise=noise, backend="torch")
+
+        lr = learning_rate(cfg, step, time.perf_counter() - start)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss = F.mse_loss(model(x_t, t.float(), class_labels=y), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        # EMA warmup: average over fewer steps early on so the EMA is not stuck at init.
+        ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+
+        elapsed = time.perf_counter() - start
+        losses.append(loss.item())
+        lrs.append(lr)
+        times.append(elapsed)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.1e}")
+        if save is not None and cfg.save_every and (step + 1) % cfg.save_every == 0:
+            save({"steps_done": step + 1, "seconds": round(elapsed, 1)})
+            write_loss_curve(losses, lrs, times, out_dir)
+        if cfg.max_minutes is not None and elapsed > 60 * cfg.max_minutes:
+            bar.write(f"fastdiff train: stopping at step {step + 1}: max_minutes={cfg.max_minutes} reached")
+            break
+    bar.close()
+
+    seconds = time.perf_counter() - start
+    tail = losses[-min(100, len(losses)):]
+    extra = {"steps_done": len(losses), "seconds": round(seconds, 1),
+             "final_loss_mean_last_100": round(sum(tail) / len(tail), 5)}
+    metadata = model_metadata(cfg, {**extra, **history})
+    if save is not None:
+        save(extra)
+        write_loss_curve(losses, lrs, times, out_dir)
+    return TrainResult(ema, schedule, losses, seconds, metadata)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    parser.add_argument("--out", default="runs/digits", help="output folder (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=d.steps)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--warmup", type=int, default=d.warmup)
+    parser.add_argument("--ema-decay", type=float, default=d.ema_decay)
+    parser.add_argument("--label-dropout", type=float, default=d.label_dropout)
+    parser.add_argument("--image-size", type=int, default=d.image_size)
+    parser.add_argument("--base-channels", type=int, default=d.base_channels)
+    parser.add_argument("--channel-mults", default=",".join(map(str, d.channel_mults)),
+                        help="comma-separated, e.g. 1,2,2")
+    parser.add_argument("--num-res-blocks", type=int, default=d.num_res_blocks)
+    parser.add_argument("--attention-resolutions", default=",".join(map(str, d.attention_resolutions)),
+                        help="comma-separated feature-map sizes, e.g. 8 or 8,4 (empty: none)")
+    parser.add_argument("--schedule", default=d.schedule, choices=["linear", "cosine"])
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--max-minutes", type=float, default=d.max_minutes,
+                        help="stop (and save) after this many minutes; the LR anneals to fit (default %(default)s)")
+    parser.add_argument("--init", default=None, help="continue from this saved model (.safetensors)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _int_tuple(name: str, text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"{name} must be comma-separated integers, got {text!r}") from None
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    cfg = TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+        ema_decay=args.ema_decay, label_dropout=args.label_dropout, image_size=args.image_size,
+        base_channels=args.base_channels, channel_mults=_int_tuple("--channel-mults", args.channel_mults),
+        num_res_blocks=args.num_res_blocks,
+        attention_resolutions=_int_tuple("--attention-resolutions", args.attention_resolutions),
+        schedule=args.schedule, seed=args.seed, max_minutes=args.max_minutes, init=args.init,
+    )
+    result = train(cfg, args.out, progress=not args.no_progress)
+    out = Path(args.out)
+    print(f"fastdiff train: {len(result.losses)} steps in {result.seconds / 60:.1f} min, "
+          f"final loss (mean of last 100) {result.metadata['training']['final_loss_mean_last_100']:.4f}")
+    print(f"wrote {out / 'digits.safetensors'} (+ .json), {out / 'loss.csv'}, {out / 'loss.png'}")
+    return 0
