@@ -1,0 +1,353 @@
+"""Results of a benchmark run: summarize pytest-benchmark's JSON, render markdown and a plot.
+
+    python benchmarks/report.py benchmarks/results/2026-11-26-cpu.json          # -> .md + .png beside it
+    python benchmarks/report.py benchmarks/results/2026-11-26-cpu.json --print  # also print the short table
+
+`summarize` (called by conftest.py at session end) turns pytest-benchmark's JSON into the
+results file: machine and versions, every case's raw samples, median and quartiles (per
+step for step cases, per loop for loops), and the ratios: speedup over diffusers; a loop
+over its limit (steps x the model alone, in a CUDA graph where there is one); GB/s and
+the fraction of copy bandwidth; the one-time costs; each target beside its measured value.
+Targets are reported, never asserted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+SCHEMA = "fastdiff-bench/1"
+FUSED = "fastdiff-triton-graph"
+HEADLINE_SHAPE = [16, 4, 64, 64]
+BANDWIDTH_MIB = 64
+
+
+# ---- summarize ----------------------------------------------------------------------
+def sample_stats(samples: list[float]) -> dict:
+    s = sorted(samples)
+    q1, _, q3 = statistics.quantiles(s, n=4, method="inclusive") if len(s) > 1 else (s[0],) * 3
+    return {"median_s": statistics.median(s), "q1_s": q1, "q3_s": q3, "iqr_s": q3 - q1, "min_s": s[0],
+            "max_s": s[-1], "rounds": len(s), "samples_s": samples}
+
+
+def summarize(pb: dict, meta: dict) -> dict:
+    """pytest-benchmark's output JSON + run metadata -> the results document (module docstring)."""
+    cases = []
+    for b in pb["benchmarks"]:
+        info = {k: v for k, v in b["extra_info"].items() if k not in ("median_per_step_s", "GBps", "fraction_of_copy")}
+        per = info.get("steps_per_call", 1)
+        samples = [x / per for x in b["stats"]["data"]]
+        cases.append({"name": b["name"], **info, "iterations": b["stats"]["iterations"], **sample_stats(samples)})
+    copy = meta.get("copy_bandwidth")
+    _step_ratios([c for c in cases if c.get("kind") == "step"], copy)
+    _loop_ratios([c for c in cases if c.get("kind") in ("loop", "model")])
+    for c in cases:
+        if c.get("kind") == "side_by_side":
+            _side_by_side(c)
+    machine = dict(meta.get("machine", {}))
+    cpu = pb.get("machine_info", {}).get("cpu", {})
+    machine.setdefault("cpu_brand", cpu.get("brand_raw"))
+    machine["cpu_count"] = cpu.get("count")
+    results = {
+        "schema": SCHEMA, "date": pb.get("datetime", "")[:10], "datetime": pb.get("datetime"),
+        "device": meta.get("device"), "device_name": meta.get("device_name"), "quick": meta.get("quick", False),
+        "command": meta.get("command"), "elapsed_s": meta.get("elapsed_s"), "machine": machine,
+        "versions": {k: machine.get(k) for k in ("python", "torch", "triton", "diffusers")},
+        "commit": pb.get("commit_info", {}).get("id"), "copy_bandwidth": copy, "cases": cases,
+        "one_time": [{k: c.get(k) for k in ("case", "impl", "first_call_s", "warmup_s", "capture_s", "compile_s")}
+                     for c in cases if c.get("kind") == "loop" and c.get("first_call_s") is not None],
+    }
+    results["targets"] = targets(results)
+    return results
+
+
+def _step_ratios(steps: list[dict], copy: dict | None) -> None:
+    diffusers = {(c["solver"], tuple(c["shape"]), c["cfg"]): c for c in steps if c["impl"] == "diffusers"}
+    for c in steps:
+        c["GBps"] = c["bytes"] / c["median_s"] / 1e9
+        c["fraction_of_copy"] = c["GBps"] / copy["GBps"] if copy else None
+        d = diffusers.get((c["solver"], tuple(c["shape"]), c["cfg"]))
+        c["speedup_over_diffusers"] = d["median_s"] / c["median_s"] if d and c is not d else None
+
+
+def _loop_ratios(entries: list[dict]) -> None:
+    by_case: dict[str, dict[str, dict]] = {}
+    for c in entries:
+        by_case.setdefault(c["case"], {})[c["impl"]] = c
+    for impls in by_case.values():
+        steps = next(iter(impls.values()))["steps"]
+        model_time = {kind: impls[kind]["median_s"] * steps / impls[kind]["model_calls"]
+                      for kind in ("model-eager", "model-graph") if kind in impls}
+        limit = model_time.get("model-graph", model_time.get("model-eager"))
+        diffusers = impls.get("diffusers-eager")
+        eager_model = model_time.get("model-eager")
+        for c in impls.values():
+            if c["kind"] != "loop":
+                continue
+            c["it_per_s"] = steps / c["median_s"]
+            c["limit"] = "model-graph" if "model-graph" in model_time else ("model-eager" if limit else None)
+            c["limit_s"] = limit
+            c["ratio_to_limit"] = c["median_s"] / limit if limit else None
+            c["ratio_to_model_eager"] = c["median_s"] / eager_model if eager_model else None
+            c["speedup_over_diffusers"] = (diffusers["median_s"] / c["median_s"]
+                                           if diffusers and c is not diffusers else None)
+        compiled, graph = impls.get("fastdiff-graph-compile"), impls.get("fastdiff-graph")
+        if compiled and graph and compiled.get("warmup_s") and graph.get("warmup_s"):
+            compiled["compile_s"] = compiled["warmup_s"] - graph["warmup_s"]  # warm-up with compile minus without
+
+
+def _side_by_side(c: dict) -> None:
+    """Interleaved rounds: per-impl stats, fastdiff / (steps x model alone), diffusers / fastdiff."""
+    c["round"] = {k: c.pop(k) for k in ("median_s", "q1_s", "q3_s", "iqr_s", "min_s", "max_s", "rounds", "samples_s")}
+    c["by_impl"] = {impl: sample_stats(s) for impl, s in c.pop("samples_by_impl").items()}
+    med = {impl: st["median_s"] for impl, st in c["by_impl"].items()}
+    c["ratio_to_model_eager"] = med["fastdiff"] / med["model-eager"]
+    c["speedup_over_diffusers"] = med["diffusers-eager"] / med["fastdiff"]
+    if "fastdiff-noop" in med:  # the sampler's own work, timed directly (model replaced by a no-op)
+        c["overhead_s"] = {"fastdiff": med["fastdiff-noop"], "diffusers": med.get("diffusers-noop")}
+        c["ratio_from_overhead"] = 1 + med["fastdiff-noop"] / med["model-eager"]
+
+
+def _find(results: dict, **match) -> dict | None:
+    for c in results["cases"]:
+        if all(c.get(k) == v for k, v in match.items()):
+            return c
+    return None
+
+
+def targets(results: dict) -> list[dict]:
+    """Each target of the issue beside its measured value (None where not measured here)."""
+    cuda = results["device"] == "cuda"
+    out = []
+
+    def add(name, goal, value, unit, met, note=""):
+        out.append({"target": name, "goal": goal, "measured": value, "unit": unit,
+                    "met": None if value is None else bool(met(value)), "note": note})
+
+    step_impl = FUSED if cuda else "fastdiff-torch"
+    note = "" if cuda else "GPU target; here the CPU's torch backend, for reference"
+    big = [c for c in results["cases"] if c.get("kind") == "step" and c["impl"] == FUSED
+           and c["tensor_MiB"] >= BANDWIDTH_MIB and c.get("fraction_of_copy") is not None]
+    worst = min(big, key=lambda c: c["fraction_of_copy"]) if big else None
+    add("fused step, fraction of copy bandwidth at >= 64 MiB per tensor (lowest case)", ">= 0.90",
+        worst["fraction_of_copy"] if worst else None, "", lambda v: v >= 0.9,
+        f"{worst['name']}" if worst else "needs CUDA")
+    head = _find(results, kind="step", impl=step_impl, solver="ddpm", cfg=True, shape=HEADLINE_SHAPE)
+    add("step time, ddpm + CFG, 16x4x64x64", "<= 8 us", head["median_s"] * 1e6 if head else None, "us",
+        lambda v: v <= 8 and cuda, note)
+    add("speedup over diffusers DDPMScheduler.step + CFG, 16x4x64x64", ">= 40x",
+        head.get("speedup_over_diffusers") if head else None, "x", lambda v: v >= 40 and cuda, note)
+    for case in ("digits-b8-fp32", "cifar10-b1-fp32", "sd15-b1-fp16", "cifar10-b64-fp16", "sd15-b8-fp16"):
+        c = _find(results, case=case, impl="fastdiff-graph")
+        if cuda and c is not None:
+            add(f"{case}: loop / (steps x model in a CUDA graph)", "<= 1.01", c["ratio_to_limit"], "",
+                lambda v: v <= 1.01)
+    for case, goal in (("cifar10-b1-fp32", 7.0), ("sd15-b1-fp16", 3.5)):
+        c = _find(results, case=case, impl="fastdiff-graph")
+        add(f"{case}{' CFG' if case.startswith('sd') else ''}: speedup over diffusers eager", f">= {goal:g}x",
+            c.get("speedup_over_diffusers") if c else None, "x", lambda v, g=goal: v >= g,
+            "" if c else "needs CUDA")
+    c = _find(results, case="sd15-b1-fp16", impl="fastdiff-graph-compile")
+    add("sd15-b1-fp16 CFG with compile=True", ">= 150 it/s", c["it_per_s"] if c else None, "it/s",
+        lambda v: v >= 150, "" if c else "needs CUDA")
+    if not cuda:  # the CPU claims, from the interleaved measurement where there is one
+        digits = [c for c in results["cases"] if str(c.get("case", "")).startswith("digits")]
+        d = next((c for c in digits if c["kind"] == "side_by_side"), None)
+        d = d or next((c for c in digits if c.get("impl") == "fastdiff-eager"), None)
+        how = (("side by side" if d["kind"] == "side_by_side" else "sequential cases") + f", {d['case']}") if d else ""
+        if d and d.get("overhead_s"):
+            o = d["overhead_s"]
+            how += (f"; sampler's own work per loop (no-op model): fastdiff {fmt_time(o['fastdiff'])}, "
+                    f"diffusers {fmt_time(o['diffusers'])}, so 1 + own / model = {d['ratio_from_overhead']:.4f}")
+        add("digits (CPU): fastdiff loop / (steps x model alone)", "<= 1.05",
+            d.get("ratio_to_model_eager") if d else None, "", lambda v: v <= 1.05, how)
+        add("digits (CPU): speedup over the diffusers-style loop", "> 1x",
+            d.get("speedup_over_diffusers") if d else None, "x", lambda v: v > 1, how)
+    return out
+
+
+# ---- render ---------------------------------------------------------------------------
+def fmt_time(s: float | None) -> str:
+    if s is None:
+        return "-"
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if s >= scale or unit == "us":
+            return f"{s / scale:.3g} {unit}"
+    return "-"
+
+
+def fmt(v, spec: str = ".3g", suffix: str = "") -> str:
+    return "-" if v is None else f"{v:{spec}}{suffix}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
+            *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def target_rows(results: dict) -> list[list[str]]:
+    rows = []
+    for t in results["targets"]:
+        met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
+        rows.append([t["target"], t["goal"], fmt(t["measured"], ".3g", f" {t['unit']}".rstrip()), met, t["note"]])
+    return rows
+
+
+def markdown(results: dict, png_name: str | None) -> str:
+    m, v = results["machine"], results["versions"]
+    copy = results.get("copy_bandwidth")
+    hw = m.get("gpu") or m.get("cpu_brand") or m.get("cpu")
+    gpu = f" ({m.get('gpu_memory_GiB')} GiB, CUDA {m.get('cuda')})" if m.get("gpu") else ""
+    commit = f"; commit {results['commit'][:10]}" if results.get("commit") else ""
+    lines = [f"# fastdiff benchmarks: {results['device_name']}, {results['date']}", "",
+             f"- machine: {hw}{gpu}; CPU {m.get('cpu_brand') or m.get('cpu')}, {m.get('cpu_count')} cores seen, "
+             f"{m.get('torch_threads')} torch threads; {m.get('platform')}",
+             f"- versions: python {v['python']}, torch {v['torch']}, triton {v['triton']}, "
+             f"diffusers {v['diffusers']}{commit}",
+             f"- command: `{results['command']}` ({fmt(results.get('elapsed_s'), '.0f')} s)",
+             (f"- copy bandwidth: {fmt(copy['GBps'], '.1f')} GB/s (read + written, "
+              f"{copy['bytes_per_copy'] >> 20} MiB copy)") if copy else "- copy bandwidth: not measured in this run"]
+    if results.get("quick"):
+        lines += ["", "**--bench-quick: tiny sizes and few rounds; these numbers are not measurements.**"]
+    if results["device"] != "cuda":
+        lines += ["", "CPU run: the reduced set. Fused Triton steps, CUDA graphs, torch.compile and the "
+                      "CIFAR10/SD1.5-shaped U-Nets are CUDA only; the per-step cases cover the four latent "
+                      "shapes with the torch backend and diffusers."]
+    lines += ["", "## Targets (reported, not asserted)", "",
+              *table(["target", "goal", "measured", "met", "note"], target_rows(results))]
+    loops = [c for c in results["cases"] if c.get("kind") == "loop"]
+    if loops:
+        lines += ["", "## Whole sampling loops", "",
+                  "Median per loop (IQR). Limit: steps x the model alone (in one CUDA graph where "
+                  "available, else eager). diffusers: its pipelines' eager loop over the same model.", ""]
+        rows = []
+        for c in loops:
+            rows.append([c["case"], f"{c['solver']} / {c['scheduler']}", f"{c['steps']}", "yes" if c["cfg"] else "no",
+                         c["impl"], f"{fmt_time(c['median_s'])} ({fmt_time(c['iqr_s'])})", fmt(c["it_per_s"], ".1f"),
+                         fmt(c.get("ratio_to_limit"), ".3f") + (" (eager model)" if c.get("limit") == "model-eager"
+                                                                 else ""),
+                         fmt(c.get("speedup_over_diffusers"), ".2f", "x")])
+        lines += table(["case", "solver / diffusers", "steps", "CFG", "impl", "median (IQR)", "it/s", "÷ limit",
+                        "vs diffusers"], rows)
+        models = [c for c in results["cases"] if c.get("kind") == "model"]
+        lines += ["", "Model alone: " + "; ".join(
+            f"{c['case']} {c['impl']} {fmt_time(c['median_s'] / c['model_calls'])} per call" for c in models)]
+    for c in (c for c in results["cases"] if c.get("kind") == "side_by_side"):
+        lines += ["", f"## Side by side: {c['case']} ({c['steps']} steps, {c['solver']} / {c['scheduler']})", "",
+                  "Each round runs the three in turn, so background load hits all alike (medians of "
+                  f"{c['round']['rounds']} rounds): fastdiff / model alone = "
+                  f"{c['ratio_to_model_eager']:.3f}; diffusers / fastdiff = {c['speedup_over_diffusers']:.2f}x. "
+                  "The -noop rows replace the model by a no-op: each sampler's own work per loop.", ""]
+        lines += table(["impl", "median (IQR)", "min"],
+                       [[impl, f"{fmt_time(st['median_s'])} ({fmt_time(st['iqr_s'])})", fmt_time(st["min_s"])]
+                        for impl, st in c["by_impl"].items()])
+    if results["one_time"]:
+        lines += ["", "## One-time costs", "",
+                  "First call: everything before the first result (buffers; on CUDA with graph=True the "
+                  "warm-up run, plus compilation with compile=True, then the capture). Compile: warm-up with "
+                  "compile minus warm-up without.", ""]
+        lines += table(["case", "impl", "first call", "graph warm-up", "graph capture", "compile"],
+                       [[o["case"], o["impl"], fmt_time(o["first_call_s"]), fmt_time(o.get("warmup_s")),
+                         fmt_time(o.get("capture_s")), fmt_time(o.get("compile_s"))] for o in results["one_time"]])
+    steps = [c for c in results["cases"] if c.get("kind") == "step"]
+    if steps:
+        lines += ["", "## Per-step update", "",
+                  "Everything between two model calls; bytes are what the step must move (x, model output, "
+                  "history, next model input; both CFG halves), in each implementation's dtypes.", ""]
+        rows = [["x".join(map(str, c["shape"])), "yes" if c["cfg"] else "no", c["solver"], c["impl"], c["dtype"],
+                 f"{fmt_time(c['median_s'])} ({fmt_time(c['iqr_s'])})", f"{c['bytes'] / 2**20:.2f}",
+                 fmt(c["GBps"], ".3g"), fmt(c["fraction_of_copy"] and 100 * c["fraction_of_copy"], ".1f", "%"),
+                 fmt(c["speedup_over_diffusers"], ".2f", "x")]
+                for c in sorted(steps, key=lambda c: (c["tensor_MiB"], c["shape"], c["cfg"], c["solver"], c["impl"]))]
+        lines += table(["shape", "CFG", "solver", "impl", "dtype", "median (IQR)", "MiB moved", "GB/s", "of copy",
+                        "vs diffusers"], rows)
+    if png_name:
+        lines += ["", f"![speedup over diffusers and fraction of the limit]({png_name})"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> bool:
+    """Two panels: speedup over diffusers; fraction of the limit. False if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    cuda = results["device"] == "cuda"
+    step_impl = FUSED if cuda else "fastdiff-torch"
+    loops = [c for c in results["cases"] if c.get("kind") == "loop" and c["impl"] != "diffusers-eager"]
+    steps = [c for c in results["cases"] if c.get("kind") == "step" and c["impl"] == step_impl]
+    speed = [(f"loop {c['case']} {c['impl'][9:]}", c["speedup_over_diffusers"]) for c in loops
+             if c.get("speedup_over_diffusers")]
+    speed += [(f"step {c['solver']} {'cfg ' if c['cfg'] else ''}{'x'.join(map(str, c['shape']))}",
+               c["speedup_over_diffusers"]) for c in steps if c.get("speedup_over_diffusers")]
+    frac = [(f"loop {c['case']} {c['impl'][9:]}", 1 / c["ratio_to_limit"]) for c in loops if c.get("ratio_to_limit")]
+    frac += [(f"step {c['solver']} {'cfg ' if c['cfg'] else ''}{'x'.join(map(str, c['shape']))} (of copy bw)",
+              c["fraction_of_copy"]) for c in steps if c.get("fraction_of_copy")]
+    for c in (c for c in results["cases"] if c.get("kind") == "side_by_side"):
+        speed.insert(0, (f"loop {c['case']} side by side", c["speedup_over_diffusers"]))
+        frac.insert(0, (f"loop {c['case']} side by side (model alone)", 1 / c["ratio_to_model_eager"]))
+    n = max(len(speed), len(frac), 1)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 0.28 * n + 1.6))
+    for ax, data, title, ref in ((axes[0], speed, "speedup over diffusers (x, log)", 1.0),
+                                 (axes[1], frac, "fraction of the limit (1 = the limit)", 1.0)):
+        labels, values = [d[0] for d in data], [d[1] for d in data]
+        ax.barh(range(len(values)), values, color=["C0" if lab.startswith("loop") else "C1" for lab in labels])
+        ax.set_yticks(range(len(values)), labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.axvline(ref, color="k", lw=0.8)
+        ax.set_title(title, fontsize=9)
+        if ax is axes[0] and values:
+            ax.set_xscale("log")
+    fig.suptitle(f"fastdiff on {results['device_name']}, {results['date']} (step: {step_impl})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(results_path: Path) -> tuple[Path, Path | None]:
+    """<name>.json -> <name>.md and <name>.png beside it; returns their paths (png None without matplotlib)."""
+    results_path = Path(results_path)
+    results = json.loads(results_path.read_text())
+    if results.get("schema") != SCHEMA:
+        raise ValueError(f"{results_path}: not a fastdiff results file (schema {results.get('schema')!r})")
+    png = results_path.with_suffix(".png")
+    made = plot(results, png)
+    md = results_path.with_suffix(".md")
+    md.write_text(markdown(results, png.name if made else None))
+    return md, png if made else None
+
+
+def short_table(results: dict) -> str:
+    """The few lines a GPU check prints last: targets, then each loop case's headline numbers."""
+    lines = [f"{results['device_name']} {results['date']}: targets"]
+    for r in target_rows(results):
+        lines.append(f"  {r[3]:>12}  {r[2]:>12}  (goal {r[1]})  {r[0]}")
+    lines.append("loops: median, ÷ limit, vs diffusers")
+    for c in results["cases"]:
+        if c.get("kind") == "loop":
+            speedup = fmt(c.get("speedup_over_diffusers"), ".2f", "x")
+            lines.append(f"  {c['case']:<18} {c['impl']:<23} {fmt_time(c['median_s']):>9}  "
+                         f"{fmt(c.get('ratio_to_limit'), '.3f'):>6}  {speedup:>7}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("results", help="a results file, benchmarks/results/<date>-<device>.json")
+    p.add_argument("--print", action="store_true", help="print the short table (targets, loops) after writing")
+    args = p.parse_args(argv)
+    md, png = write_report(Path(args.results))
+    print(f"wrote {md}" + (f" and {png}" if png else " (no matplotlib: no plot)"))
+    if args.print:
+        print(short_table(json.loads(Path(args.results).read_text())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
