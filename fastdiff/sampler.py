@@ -48,7 +48,8 @@ class Sampler:
                  rho: float = 7.0, timesteps=None, variance: str = "fixed_small", solver_order: int = 2,
                  lower_order_final: bool = True, final_alpha_cumprod: float = 1.0, clip_sample: bool = False,
                  clip_range: float = 1.0, thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
-                 sample_max_value: float = 1.0, guidance_rescale: float = 0.0, classifier=None,
+                 sample_max_value: float = 1.0, use_clipped_model_output: bool = False,
+                 guidance_rescale: float = 0.0, classifier=None,
                  classifier_scale: float = 1.0, corrector: str | None = None, corrector_steps: int = 1,
                  snr: float = 0.16, backend: str = "auto", graph="auto", compile: bool = False,
                  max_graphs: int = 4, device=None, dtype: torch.dtype | None = None):
@@ -92,7 +93,8 @@ class Sampler:
                               stride_prev=solver in STRIDE_PREV and sigmas is None, timesteps=timesteps)
         self.steps = self.grid.steps
         self._options = dict(eta=eta, variance=variance, solver_order=solver_order,
-                             lower_order_final=lower_order_final, spacing=spacing)
+                             lower_order_final=lower_order_final, spacing=spacing,
+                             use_clipped_model_output=use_clipped_model_output)
         self._corrector = (corrector_steps, snr) if corrector == "langevin" else None
         self.table = self._table(0)
         mdtype, mdevice = _model_dtype_device(model)

@@ -131,7 +131,17 @@ def test_png_classes_and_npz(tiny_model, tmp_path, capsys):
 
 
 # ---- crash and resume ---------------------------------------------------------------
-def test_sigkill_then_rerun_completes_identically(tiny_model, tmp_path, capsys):
+@pytest.fixture
+def one_thread():
+    """The driver subprocesses run with OMP_NUM_THREADS=1; CPU convolutions round differently
+    with other thread counts, so byte-identical comparisons run in-process on one thread too."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_sigkill_then_rerun_completes_identically(tiny_model, tmp_path, capsys, one_thread):
     ref, out = tmp_path / "ref", tmp_path / "out"
     assert cli.main(cli_args(tiny_model, ref, "0-15", "--batch", "2")) == 0
     driver = script(tmp_path, "time.sleep(0.05)")  # 3 evals per batch: ~0.15 s per batch

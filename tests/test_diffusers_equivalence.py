@@ -100,6 +100,11 @@ DETERMINISTIC = {
     "ddim-trained-betas": ("DDIMScheduler", dict(num_train_timesteps=200, clip_sample_range=1.2,
                                                  trained_betas=torch.linspace(1e-4, 0.05, 200).tolist()), 6, {}),
     "ddim-clipped-output-noclip": ("DDIMScheduler", dict(clip_sample=False), 6, dict(use_clipped_model_output=True)),
+    "ddim-clipped-output-clip": ("DDIMScheduler", dict(clip_sample=True, clip_sample_range=0.8), 6,
+                                 dict(use_clipped_model_output=True)),
+    "ddim-clipped-output-threshold": ("DDIMScheduler", dict(clip_sample=False, thresholding=True,
+                                                            dynamic_thresholding_ratio=0.9, sample_max_value=1.2),
+                                      8, dict(use_clipped_model_output=True)),
     "euler-linspace-fractional": ("EulerDiscreteScheduler", {}, 9, {}),
     "euler-sd-leading-v": ("EulerDiscreteScheduler", dict(SD_BETAS, timestep_spacing="leading", steps_offset=1,
                                                           prediction_type="v_prediction"), 12, {}),
@@ -223,7 +228,6 @@ def test_stochastic_sample_distribution_matches_diffusers(case):
 
 
 UNSUPPORTED = [
-    ("DDIMScheduler", dict(clip_sample=True), dict(use_clipped_model_output=True), "use_clipped_model_output"),
     ("DDPMScheduler", dict(variance_type="learned_range"), {}, "variance_type"),
     ("EulerDiscreteScheduler", dict(timestep_type="continuous", prediction_type="v_prediction"), {}, "timestep_type"),
     ("EulerDiscreteScheduler", {}, dict(s_churn=1.0), "s_churn"),

@@ -170,12 +170,11 @@ def _ddpm(s, c, N, step_kw, schedule):
 def _ddim(s, c, N, step_kw, schedule):
     kw = _step_kw(s, step_kw, {"eta": 0.0, "use_clipped_model_output": False})
     th = _thresholds(c)
-    if kw["use_clipped_model_output"] and (th["clip_sample"] or th["thresholding"]):
-        _unsupported(s, "use_clipped_model_output", True, "fastdiff's DDIM takes epsilon from the raw model output")
     final = 1.0 if c.set_alpha_to_one else float(schedule.alphas_cumprod[0])
     # native grid: fastdiff reproduces DDIM's t - T//N stride; _check_grid compares timesteps
     return dict(solver="ddim", prediction=c.prediction_type, spacing=c.timestep_spacing,
-                steps_offset=c.steps_offset, final_alpha_cumprod=final, eta=float(kw["eta"]), **th), (
+                steps_offset=c.steps_offset, final_alpha_cumprod=final, eta=float(kw["eta"]),
+                use_clipped_model_output=bool(kw["use_clipped_model_output"]), **th), (
         "set_alpha_to_one", "prediction_type", "clip_sample", "clip_sample_range", "thresholding",
         "dynamic_thresholding_ratio", "sample_max_value")
 

@@ -4,7 +4,9 @@
     std   = eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev)
     x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - std^2) eps + std z
 x0 may be clipped/thresholded while eps keeps the raw model output, as in diffusers
-(use_clipped_model_output=False): the row then reads both D and D_raw.
+(use_clipped_model_output=False): the row then reads both D and D_raw. With
+use_clipped_model_output=True eps is re-derived from the clipped x0, so the step stays on
+the line through x_t and the clipped x0 (the consistent choice when clipping is strong).
 """
 from __future__ import annotations
 
@@ -23,15 +25,20 @@ def coefficients(abar_t: float, abar_prev: float, eta: float) -> tuple[float, fl
     return std, math.sqrt(max(rem, 0.0)), math.sqrt(abar_prev)
 
 
-def build(grid: Grid, prediction: str, *, eta: float = 0.0, **_) -> TableBuilder:
+def build(grid: Grid, prediction: str, *, eta: float = 0.0, use_clipped_model_output: bool = False,
+          **_) -> TableBuilder:
     tb = TableBuilder("ddim", "vp", prediction)
     for i in range(grid.steps):
         t, a_t, a_prev = float(grid.t[i]), float(grid.abar[i]), float(grid.abar_to[i])
         std, direction, root_prev = coefficients(a_t, a_prev, eta)
         alpha_t, sigma_t = math.sqrt(a_t), math.sqrt(1 - a_t)
-        # eps_raw = (x - alpha_t D_raw) / sigma_t, folded into the x and D_raw columns
-        tb.add(t, a_t, vec(x=direction / sigma_t, D=root_prev, D_raw=-direction * alpha_t / sigma_t,
-                           z=std if eta > 0 else 0.0))
+        # eps = (x - alpha_t D_raw) / sigma_t, folded into the x and D_raw (or D) columns
+        eps_x0 = -direction * alpha_t / sigma_t
+        if use_clipped_model_output:
+            row = vec(x=direction / sigma_t, D=root_prev + eps_x0, z=std if eta > 0 else 0.0)
+        else:
+            row = vec(x=direction / sigma_t, D=root_prev, D_raw=eps_x0, z=std if eta > 0 else 0.0)
+        tb.add(t, a_t, row)
     return tb
 
 
