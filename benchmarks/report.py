@@ -18,6 +18,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from fastdiff.bench import fmt_time
+
 SCHEMA = "fastdiff-bench/1"
 FUSED = "fastdiff-triton-graph"
 HEADLINE_SHAPE = [16, 4, 64, 64]
@@ -169,15 +171,6 @@ def targets(results: dict) -> list[dict]:
 
 
 # ---- render ---------------------------------------------------------------------------
-def fmt_time(s: float | None) -> str:
-    if s is None:
-        return "-"
-    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
-        if s >= scale or unit == "us":
-            return f"{s / scale:.3g} {unit}"
-    return "-"
-
-
 def fmt(v, spec: str = ".3g", suffix: str = "") -> str:
     return "-" if v is None else f"{v:{spec}}{suffix}"
 

@@ -168,13 +168,14 @@ def _loop_row(lm: LoopModel, device, rounds: int, diffusers: bool) -> Row:
     limit = t.pop("limit").median * lm.steps / calls
     own = {k[:-5]: t.pop(k).median for k in list(t) if k.endswith("-noop")}
     note = "sampler's own work per loop (model replaced by a no-op): " + ", ".join(
-        f"{k} {_fmt(v)}" for k, v in own.items()) + f"; {lm.note}"
+        f"{k} {fmt_time(v)}" for k, v in own.items()) + f"; {lm.note}"
     name = f"loop {lm.name}{' CFG' if lm.cfg else ''} {lm.steps} steps {lm.solver}"
     return Row(name, t, limit, "model alone" + (" in a CUDA graph" if cuda else "") + f" x {lm.steps}",
                first_call_s=first, note=note)
 
 
-def _fmt(seconds: float | None) -> str:
+def fmt_time(seconds: float | None) -> str:
+    """Seconds with a unit that keeps three significant digits (s, ms, us); '-' for None."""
     if seconds is None:
         return "-"
     for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
@@ -193,10 +194,10 @@ def print_table(rows: list[Row], header: str) -> None:
     for r in rows:
         med = {k: t.median for k, t in r.timings.items()}
         fd = med["fastdiff"]
-        lines.append((r.case, f"{_fmt(fd)} ±{_fmt(r.timings['fastdiff'].iqr / 2)}",
-                      _fmt(med.get("reference")) if "reference" in med else "(same)",
-                      _fmt(med.get("diffusers")) if "diffusers" in med else "n/a",
-                      _fmt(r.limit),
+        lines.append((r.case, f"{fmt_time(fd)} ±{fmt_time(r.timings['fastdiff'].iqr / 2)}",
+                      fmt_time(med.get("reference")) if "reference" in med else "(same)",
+                      fmt_time(med.get("diffusers")) if "diffusers" in med else "n/a",
+                      fmt_time(r.limit),
                       _speedup(med["diffusers"] / fd) if "diffusers" in med else "n/a",
                       f"{fd / r.limit:.3f}" if r.limit else "-"))
     widths = [max(len(c), *(len(line[i]) for line in lines)) for i, c in enumerate(cols)]
@@ -209,7 +210,7 @@ def print_table(rows: list[Row], header: str) -> None:
     print("fastdiff: the default Sampler on this device (CUDA: fused kernels + one CUDA graph; CPU: eager, "
           "torch backend); reference: the torch backend, eager; median ± IQR/2 of interleaved rounds.")
     for r in rows:
-        extra = f"first call {_fmt(r.first_call_s)}; " if r.first_call_s is not None else ""
+        extra = f"first call {fmt_time(r.first_call_s)}; " if r.first_call_s is not None else ""
         print(f"  {r.case}: limit = {r.limit_name}; {extra}{r.note}")
 
 

@@ -11,6 +11,7 @@ import torch
 
 from . import rng
 from .guidance import classifier_grad
+from .solvers.base import vp_levels
 from .solvers.langevin import step_size
 from .solvers.table import STREAM_CORRECTOR, StepTable
 
@@ -73,7 +74,7 @@ class Loop:
         self.model, self.table, self.bufs, self.executor = model, table, bufs, executor
         self.classifier, self.classifier_scale = classifier, classifier_scale
         self.t_host = table.t_model.tolist()
-        self.sigma = table.sigma.tolist()
+        self.abar = (1.0 / (1.0 + table.sigma**2)).tolist()  # the level each row's model call sees
         self.corrector = table.corrector_steps.tolist() if table.corrector_steps is not None else None
         # after a row whose point row equals its state row, the corrector moves both
         self.point_is_state = [table.point is None or bool(torch.equal(table.point[r], table.state[r]))
@@ -90,9 +91,8 @@ class Loop:
 
     def _classifier_guided(self, r: int, out: torch.Tensor) -> torch.Tensor:
         """D += s sigma^2/alpha grad log p(y|x_t), expressed as a shift of the model output."""
-        b, s = self.bufs, self.sigma[r]
-        alpha = (1 + s * s) ** -0.5
-        sigma = s * alpha
+        b = self.bufs
+        alpha, sigma, _ = vp_levels(self.abar[r])
         x_in = b.model_in[: b.batch]
         kwargs = {k: v[-b.batch:] for k, v in b.cond.items()}  # the conditional half
         grad = classifier_grad(self.classifier, x_in, b.t[r][: b.batch], kwargs)
@@ -114,9 +114,7 @@ class Loop:
         """Langevin corrector sub-steps at the level of row r + 1 (see solvers/langevin.py)."""
         b, ex, table = self.bufs, self.executor, self.table
         n = r + 1
-        s = self.sigma[n]
-        alpha = (1 + s * s) ** -0.5
-        sigma = s * alpha
+        alpha, sigma, _ = vp_levels(self.abar[n])
         to_vp = alpha if table.space == "ve" else 1.0  # the point in VP units is to_vp * point
         target = b.point if b.point is not None else b.x
         M = self.corrector[r]

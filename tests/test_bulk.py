@@ -6,7 +6,6 @@ O(0.1)) is saved once per session and run through the real CLI (`python -m fastd
 """
 import errno
 import os
-import signal
 import subprocess
 import sys
 import tempfile

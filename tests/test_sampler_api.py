@@ -1,5 +1,4 @@
 """The public Sampler API: errors, batch invariance, guidance, thresholding, img2img."""
-import math
 
 import pytest
 import torch
