@@ -234,7 +234,8 @@ class Sampler:
             from .graph import compile_model
 
             self._compiled_model = compile_model(self.model)
-        return self._compiled_model or self.model
+        return self.model if self._compiled_model is None else self._compiled_model  # no truth test: an
+        # OptimizedModule forwards len() to the model, which raises for most nn.Modules
 
     def _runner(self, table, start, B, sample_shape, cfg, kwargs):
         key = (start, B, sample_shape, self.dtype, cfg, tuple((k, v.shape, v.dtype) for k, v in kwargs.items()))
