@@ -3,7 +3,10 @@
 Everything the loop touches is allocated once (`LoopBuffers`); inputs are copied in
 before a run (`load`), per-row constants are Python floats baked into the code path, and
 per-sample values live in device tensors.  Nothing reads a tensor value on the host:
-the non-finite check keeps the first bad row in a device scalar, read once at the end.
+the non-finite check adds each model output's float64 sum into its row's slot of a device
+buffer, read once at the end.  A float64 sum of float32 (or narrower) values cannot
+overflow, so a slot is non-finite exactly when an output in its row had an inf or a NaN:
+one reduction per model call, where isfinite().all() and a where() took several kernels.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ class LoopBuffers:
         self.seeds = torch.zeros(batch, dtype=torch.int64, device=device)
         self.cfg_w = torch.ones((table.rows, batch), **f32) if cfg else None
         self.t = table.t_model.to(**f32)[:, None].expand(table.rows, G * batch).contiguous()  # [R, G*B]
-        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self.out_sums = torch.zeros(table.rows, dtype=torch.float64, device=device)  # see the module docstring
         self.cond: dict[str, torch.Tensor] = {}
 
     def write_model_input(self, value: torch.Tensor) -> None:
@@ -52,7 +55,7 @@ class LoopBuffers:
             if k not in self.cond or self.cond[k].shape != v.shape or self.cond[k].dtype != v.dtype:
                 self.cond[k] = torch.empty_like(v)
             self.cond[k].copy_(v)
-        self.first_bad.fill_(-1)
+        self.out_sums.zero_()
         self.write_model_input(c_in0 * self.x if self.point is None else c_in0 * self.point)
 
 
@@ -85,8 +88,7 @@ class Loop:
         out = model_output(self.model, b.model_in, b.t[r], b.cond)
         if self.classifier is not None:
             out = self._classifier_guided(r, out)
-        bad = ~torch.isfinite(out).all()
-        torch.where((b.first_bad < 0) & bad, torch.full_like(b.first_bad, r), b.first_bad, out=b.first_bad)
+        b.out_sums[r].add_(out.sum(dtype=torch.float64))
         return out
 
     def _classifier_guided(self, r: int, out: torch.Tensor) -> torch.Tensor:
@@ -120,6 +122,7 @@ class Loop:
         M = self.corrector[r]
         for j in range(M):
             out = model_output(self.model, b.model_in, b.t[n], b.cond)
+            b.out_sums[n].add_(out.sum(dtype=torch.float64))  # n < rows: no corrector after the last row
             D, _ = ex.denoised(n, target, out)
             x_vp = to_vp * target
             score = (alpha * D - x_vp) / (sigma * sigma)
@@ -131,6 +134,7 @@ class Loop:
             b.write_model_input(ex.c_in[n] * target)
 
     def raise_if_nonfinite(self) -> None:
-        bad = int(self.bufs.first_bad)  # the one host read, after the loop
-        if bad >= 0:
-            raise FloatingPointError(f"non-finite model output at step {bad} (timestep {self.t_host[bad]:g})")
+        bad = (~torch.isfinite(self.bufs.out_sums)).nonzero()  # the one host read, after the loop
+        if bad.numel():
+            r = int(bad[0, 0])
+            raise FloatingPointError(f"non-finite model output at step {r} (timestep {self.t_host[r]:g})")

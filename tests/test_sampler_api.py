@@ -96,6 +96,43 @@ def test_nonfinite_output_names_step_and_timestep(solver):
         sampler.sample(shape=(2, 4), seeds=[0, 1])
 
 
+class OneValueAt:
+    """Sets one element of the k-th call's output (0-based) to `value`; every other call is clean."""
+
+    def __init__(self, k, value, everywhere=False):
+        self.k, self.value, self.everywhere, self.calls = k, value, everywhere, 0
+        self.inner = model()
+
+    def __call__(self, x, t, **kw):
+        out = self.inner(x, t, **kw)
+        self.calls += 1
+        if self.calls - 1 == self.k:
+            out = torch.full_like(out, self.value) if self.everywhere else out.clone()
+            out.view(-1)[5] = self.value
+        return out
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_one_nonfinite_element_is_reported_at_its_step(value):
+    sampler = Sampler(OneValueAt(4, value), SCHEDULE, solver="dpmpp_2m", steps=10)
+    with pytest.raises(FloatingPointError, match="non-finite model output at step 4 "):
+        sampler.sample(shape=(3, 4), seeds=[0, 1, 2])
+
+
+def test_huge_finite_output_is_not_reported():
+    """float32's largest values everywhere at the last call: finite, so no error (the check sums
+    in float64, where float32 values cannot overflow)."""
+    sampler = Sampler(OneValueAt(9, 3.0e38, everywhere=True), SCHEDULE, solver="ddim", steps=10)
+    sampler.sample(shape=(3, 64), seeds=[0, 1, 2])
+
+
+def test_nonfinite_output_of_a_corrector_call_is_reported():
+    sampler = Sampler(OneValueAt(3, float("nan")), SCHEDULE, solver="ddim", steps=5, corrector="langevin")
+    # calls: row 0, corrector at row 1's level, row 1, corrector at row 2's level (the 4th call)
+    with pytest.raises(FloatingPointError, match="non-finite model output at step 2 "):
+        sampler.sample(shape=(2, 4), seeds=[0, 1])
+
+
 @pytest.mark.parametrize("solver", ["ddpm", "euler_ancestral", "dpmpp_2m_sde", "unipc", "heun"])
 def test_a_seed_gives_the_same_sample_alone_and_in_any_batch(solver):
     sampler = Sampler(model(), SCHEDULE, solver=solver, steps=8)
