@@ -4,18 +4,21 @@
                             fused kernels, launched eagerly
     fastdiff-graph          Sampler(graph=True): the whole loop replayed from one CUDA graph
     fastdiff-graph-compile  the same with compile=True: a torch.compile'd U-Net inside the graph
+    fastdiff-compile        CPU: Sampler(compile=True), the eager loop over the compiled U-Net
     diffusers-eager         the diffusers pipelines' loop: torch.cat for CFG, scale_model_input,
                             the model, the CFG combine, scheduler.step
     model-eager             the model alone, one call on the loop's batch (x steps: its model time)
     model-graph             the model alone, all `steps` calls replayed from one CUDA graph: the limit
+    model-compile           CPU: the compiled model alone (as compile=True calls it): fastdiff-compile's limit
 
 Models: on every device the digits model (8 samples, CFG 3, 20 steps, dpmpp_2m against
 DPMSolverMultistepScheduler, as `fastdiff sample`). On CUDA also the CIFAR10-shaped
 UNet2DModel (b1 fp32, b64 fp16; 50 steps, ddpm against DDPMScheduler) and the SD1.5-shaped
 UNet2DConditionModel (b1, b8; CFG 7.5, fp16, 25 steps, dpmpp_2m against
 DPMSolverMultistepScheduler), random weights (timing does not depend on weights).
-Graph-mode cases are CUDA only. Compilation runs for SD1.5 b1 only (its it/s target; each
-compile costs a minute or more), last for that model: compile_model makes it channels_last.
+Graph-mode cases are CUDA only. On CUDA compilation runs for SD1.5 b1 only (its it/s target;
+each compile costs a minute or more); on the CPU for the digits model. Compiled cases run last
+for their model: compile_model makes it channels_last.
 One-time costs (first call; graph warm-up and capture; compile) go into extra_info.
 """
 import gc
@@ -29,9 +32,10 @@ from fastdiff import bench
 
 CUDA = torch.cuda.is_available()
 LOOP_BUDGET_S = 4.0  # timed seconds per case, roughly: rounds = budget / seconds per call, in [3, 10]
-SIDE_BY_SIDE_BUDGET_S = 20.0  # the same for the interleaved digits rounds, in [5, 15]
+SIDE_BY_SIDE_BUDGET_S = 40.0  # the same for the interleaved digits rounds, in [5, 15]
 EAGER = ("fastdiff-eager", "diffusers-eager", "model-eager")
 GRAPH = ("fastdiff-graph", "model-graph")
+CPU_COMPILE = ("fastdiff-compile", "model-compile")  # on CUDA the compiled U-Net runs inside the graph
 
 
 def cases(quick: bool):
@@ -40,7 +44,8 @@ def cases(quick: bool):
     impls = EAGER + (GRAPH if CUDA else ())
     if quick:
         return [("digits-b2-fp32", lambda d: bench.digits_model(d, batch=2, steps=3), impls)]
-    out = [("digits-b8-fp32", lambda d: bench.digits_model(d, batch=8, steps=20), impls)]
+    out = [("digits-b8-fp32", lambda d: bench.digits_model(d, batch=8, steps=20),
+            impls + (() if CUDA else CPU_COMPILE))]
     if CUDA:
         out += [
             ("cifar10-b1-fp32", lambda d: bench.cifar10_model(d, 1, f32, steps=50), impls),
@@ -86,16 +91,17 @@ def test_loop(benchmark, device, case, build, impl):
         pytest.importorskip("diffusers")
     lm = loop_model(case, build, device)
     info = {**lm.info(), "kind": "model" if impl.startswith("model") else "loop", "impl": impl, "model_calls": 1}
+    compile = impl.endswith("compile")
     if impl.startswith("fastdiff"):
-        graph = impl != "fastdiff-eager"
-        sampler, run = bench.fastdiff_loop(lm, device, graph=graph, compile=impl.endswith("compile"))
+        graph = impl.startswith("fastdiff-graph")
+        sampler, run = bench.fastdiff_loop(lm, device, graph=graph, compile=compile)
         info["first_call_s"] = timed_call(run, device)  # buffers; with graph: warm-up (+ compile), capture
         info.update(bench.graph_timings(sampler) if graph else {})
     elif impl == "diffusers-eager":
         run = bench.diffusers_loop(lm, device)
         info["first_call_s"] = timed_call(run, device)
     else:
-        run, info["model_calls"] = bench.model_alone(lm, device, graph=impl == "model-graph")
+        run, info["model_calls"] = bench.model_alone(lm, device, graph=impl == "model-graph", compile=compile)
         info["first_call_s"] = timed_call(run, device)
     per_call = timed_call(run, device)  # a warm call sizes the rounds
     iterations = max(1, math.ceil(0.02 / per_call))  # model-eager: >= 20 ms per round
@@ -109,22 +115,29 @@ def test_digits_side_by_side(benchmark, device, quick):
     """The digits claims as one interleaved measurement: each round runs fastdiff's loop (the
     device's default Sampler), the diffusers-style loop and steps x the model alone, in turn,
     so background load on a shared machine hits all alike; and both loops once more with the
-    model replaced by a no-op, which times each sampler's own work directly. pytest-benchmark
-    times the whole round; the per-impl samples are in extra_info."""
+    model replaced by a no-op, which times each sampler's own work directly. On the CPU (not
+    --bench-quick) also Sampler(compile=True) and steps x its compiled model alone, over a copy
+    of the model. pytest-benchmark times the whole round; the per-impl samples are in extra_info."""
     pytest.importorskip("diffusers")
     lm = bench.digits_model(device, batch=2 if quick else 8, steps=3 if quick else 20)
     noop = bench.without_model(lm)
     alone, _ = bench.model_alone(lm, device)
     fns = {"fastdiff": bench.fastdiff_loop(lm, device)[1], "diffusers-eager": bench.diffusers_loop(lm, device),
-           "model-eager": lambda: [alone() for _ in range(lm.steps)],
-           "fastdiff-noop": bench.fastdiff_loop(noop, device)[1], "diffusers-noop": bench.diffusers_loop(noop, device)}
+           "model-eager": lambda: [alone() for _ in range(lm.steps)]}
+    if not (CUDA or quick):
+        compiled = bench.with_model_copy(lm)
+        alone_compiled, _ = bench.model_alone(compiled, device, compile=True)
+        fns["fastdiff-compile"] = bench.fastdiff_loop(compiled, device, compile=True)[1]
+        fns["model-compile"] = lambda: [alone_compiled() for _ in range(lm.steps)]
+    fns.update({"fastdiff-noop": bench.fastdiff_loop(noop, device)[1],
+                "diffusers-noop": bench.diffusers_loop(noop, device)})
     samples = {name: [] for name in fns}
 
     def one_round():
         for name, fn in fns.items():
             samples[name].append(timed_call(fn, device))
 
-    for fn in fns.values():  # warm-up (and on CUDA the graph capture)
+    for fn in fns.values():  # warm-up (compilation; on CUDA the graph capture)
         fn()
     one_round()
     rounds = max(5, min(15, int(SIDE_BY_SIDE_BUDGET_S / sum(s[-1] for s in samples.values()))))

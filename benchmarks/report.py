@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ SCHEMA = "fastdiff-bench/1"
 FUSED = "fastdiff-triton-graph"
 HEADLINE_SHAPE = [16, 4, 64, 64]
 BANDWIDTH_MIB = 64
+LIMIT_NOTE = {"model-eager": " (eager model)", "model-compile": " (compiled model)"}
 
 
 # ---- summarize ----------------------------------------------------------------------
@@ -75,38 +77,64 @@ def _step_ratios(steps: list[dict], copy: dict | None) -> None:
 
 
 def _loop_ratios(entries: list[dict]) -> None:
+    """Per loop: it/s, the limit (steps x the model alone: in a CUDA graph where measured, else
+    eager; for the CPU's compile=True loop the compiled model alone), the ratio to it and to the
+    eager model, the speedup over diffusers; and the compile time where it can be isolated."""
     by_case: dict[str, dict[str, dict]] = {}
     for c in entries:
         by_case.setdefault(c["case"], {})[c["impl"]] = c
     for impls in by_case.values():
         steps = next(iter(impls.values()))["steps"]
         model_time = {kind: impls[kind]["median_s"] * steps / impls[kind]["model_calls"]
-                      for kind in ("model-eager", "model-graph") if kind in impls}
-        limit = model_time.get("model-graph", model_time.get("model-eager"))
+                      for kind in ("model-eager", "model-graph", "model-compile") if kind in impls}
         diffusers = impls.get("diffusers-eager")
-        eager_model = model_time.get("model-eager")
         for c in impls.values():
             if c["kind"] != "loop":
                 continue
+            limit = ("model-compile" if c["impl"] == "fastdiff-compile" and "model-compile" in model_time else
+                     next((k for k in ("model-graph", "model-eager") if k in model_time), None))
             c["it_per_s"] = steps / c["median_s"]
-            c["limit"] = "model-graph" if "model-graph" in model_time else ("model-eager" if limit else None)
-            c["limit_s"] = limit
-            c["ratio_to_limit"] = c["median_s"] / limit if limit else None
-            c["ratio_to_model_eager"] = c["median_s"] / eager_model if eager_model else None
+            c["limit"], c["limit_s"] = limit, model_time.get(limit)
+            c["ratio_to_limit"] = c["median_s"] / model_time[limit] if limit else None
+            c["ratio_to_model_eager"] = (c["median_s"] / model_time["model-eager"] if "model-eager" in model_time
+                                         else None)
             c["speedup_over_diffusers"] = (diffusers["median_s"] / c["median_s"]
                                            if diffusers and c is not diffusers else None)
-        compiled, graph = impls.get("fastdiff-graph-compile"), impls.get("fastdiff-graph")
-        if compiled and graph and compiled.get("warmup_s") and graph.get("warmup_s"):
-            compiled["compile_s"] = compiled["warmup_s"] - graph["warmup_s"]  # warm-up with compile minus without
+        # compile time: the compiled loop's start-up minus the same loop's without compile
+        for compiled, plain, key in (("fastdiff-graph-compile", "fastdiff-graph", "warmup_s"),
+                                     ("fastdiff-compile", "fastdiff-eager", "first_call_s")):
+            a, b = impls.get(compiled), impls.get(plain)
+            if a and b and a.get(key) and b.get(key):
+                a["compile_s"] = a[key] - b[key]
+
+
+def paired_ratio(num: list[float], den: list[float], resamples: int = 2000) -> dict:
+    """Median of the per-round ratios num[i] / den[i] and its 90% bootstrap interval (fixed
+    seed): within one round both ran back to back, so the ratio cancels the machine's drift."""
+    ratios = [a / b for a, b in zip(num, den)]
+    rand = random.Random(0)
+    medians = sorted(statistics.median(rand.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    return {"median": statistics.median(ratios), "ci90": [medians[int(0.05 * resamples)],
+                                                          medians[int(0.95 * resamples) - 1]]}
 
 
 def _side_by_side(c: dict) -> None:
-    """Interleaved rounds: per-impl stats, fastdiff / (steps x model alone), diffusers / fastdiff."""
+    """Interleaved rounds: per-impl stats, fastdiff / (steps x model alone), diffusers / fastdiff;
+    the same two for compile=True where it ran; each sampler's own work (no-op model)."""
     c["round"] = {k: c.pop(k) for k in ("median_s", "q1_s", "q3_s", "iqr_s", "min_s", "max_s", "rounds", "samples_s")}
-    c["by_impl"] = {impl: sample_stats(s) for impl, s in c.pop("samples_by_impl").items()}
+    samples = c.pop("samples_by_impl")
+    c["by_impl"] = {impl: sample_stats(s) for impl, s in samples.items()}
     med = {impl: st["median_s"] for impl, st in c["by_impl"].items()}
-    c["ratio_to_model_eager"] = med["fastdiff"] / med["model-eager"]
-    c["speedup_over_diffusers"] = med["diffusers-eager"] / med["fastdiff"]
+    pairs = {"ratio_to_model_eager": ("fastdiff", "model-eager"),
+             "speedup_over_diffusers": ("diffusers-eager", "fastdiff"),
+             "compile_ratio_to_model_compile": ("fastdiff-compile", "model-compile"),
+             "compile_speedup_over_diffusers": ("diffusers-eager", "fastdiff-compile")}
+    c["paired"] = {k: paired_ratio(samples[a], samples[b]) for k, (a, b) in pairs.items() if a in med and b in med}
+    c["ratio_to_model_eager"] = c["paired"]["ratio_to_model_eager"]["median"]
+    c["speedup_over_diffusers"] = c["paired"]["speedup_over_diffusers"]["median"]
+    if "fastdiff-compile" in med:
+        c["compile"] = {"ratio_to_model_compile": c["paired"]["compile_ratio_to_model_compile"]["median"],
+                        "speedup_over_diffusers": c["paired"]["compile_speedup_over_diffusers"]["median"]}
     if "fastdiff-noop" in med:  # the sampler's own work, timed directly (model replaced by a no-op)
         c["overhead_s"] = {"fastdiff": med["fastdiff-noop"], "diffusers": med.get("diffusers-noop")}
         c["ratio_from_overhead"] = 1 + med["fastdiff-noop"] / med["model-eager"]
@@ -124,9 +152,14 @@ def targets(results: dict) -> list[dict]:
     cuda = results["device"] == "cuda"
     out = []
 
-    def add(name, goal, value, unit, met, note=""):
-        out.append({"target": name, "goal": goal, "measured": value, "unit": unit,
-                    "met": None if value is None else bool(met(value)), "note": note})
+    def add(name, goal, value, unit, met, note="", ci=None):
+        """met(value); with a 90% interval `ci` (paired rounds), met only when the whole
+        interval is, missed only when none of it is: else None, within noise."""
+        verdict = None if value is None else bool(met(value))
+        if value is not None and ci is not None and met(ci[0]) != met(ci[1]):
+            verdict = None
+        out.append({"target": name, "goal": goal, "measured": value, "unit": unit, "met": verdict, "note": note,
+                    "ci90": ci})
 
     step_impl = FUSED if cuda else "fastdiff-torch"
     note = "" if cuda else "GPU target; here the CPU's torch backend, for reference"
@@ -165,8 +198,21 @@ def targets(results: dict) -> list[dict]:
                     f"diffusers {fmt_time(o['diffusers'])}, so 1 + own / model = {d['ratio_from_overhead']:.4f}")
         add("digits (CPU): fastdiff loop / (steps x model alone)", "<= 1.05",
             d.get("ratio_to_model_eager") if d else None, "", lambda v: v <= 1.05, how)
-        add("digits (CPU): speedup over the diffusers-style loop", "> 1x",
-            d.get("speedup_over_diffusers") if d else None, "x", lambda v: v > 1, how)
+        paired = (d or {}).get("paired", {})
+        add("digits (CPU): speedup over the diffusers-style loop, same eager model", "> 1x",
+            d.get("speedup_over_diffusers") if d else None, "x", lambda v: v > 1, how,
+            paired.get("speedup_over_diffusers", {}).get("ci90"))
+        comp = d.get("compile") if d else None
+        if comp is None:  # sequential cases
+            c = next((c for c in digits if c.get("impl") == "fastdiff-compile"), None)
+            comp = c and {"ratio_to_model_compile": c.get("ratio_to_limit"),
+                          "speedup_over_diffusers": c.get("speedup_over_diffusers")}
+        how = "Sampler(compile=True) against its compiled model alone and the diffusers-style eager loop"
+        add("digits (CPU): compile=True loop / (steps x compiled model alone)", "<= 1.05",
+            comp and comp["ratio_to_model_compile"], "", lambda v: v <= 1.05, how if comp else "not run")
+        add("digits (CPU): compile=True speedup over the diffusers-style loop", "> 1x",
+            comp and comp["speedup_over_diffusers"], "x", lambda v: v > 1, how if comp else "not run",
+            paired.get("compile_speedup_over_diffusers", {}).get("ci90"))
     return out
 
 
@@ -183,8 +229,12 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
 def target_rows(results: dict) -> list[list[str]]:
     rows = []
     for t in results["targets"]:
-        met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
-        rows.append([t["target"], t["goal"], fmt(t["measured"], ".3g", f" {t['unit']}".rstrip()), met, t["note"]])
+        met = {True: "yes", False: "**no**", None: "not measured" if t["measured"] is None else "within noise"}[
+            t["met"]]
+        ci = t.get("ci90")
+        measured = fmt(t["measured"], ".3g", f" {t['unit']}".rstrip()) + (
+            f" (90% CI {ci[0]:.3g}-{ci[1]:.3g})" if ci else "")
+        rows.append([t["target"], t["goal"], measured, met, t["note"]])
     return rows
 
 
@@ -205,9 +255,10 @@ def markdown(results: dict, png_name: str | None) -> str:
     if results.get("quick"):
         lines += ["", "**--bench-quick: tiny sizes and few rounds; these numbers are not measurements.**"]
     if results["device"] != "cuda":
-        lines += ["", "CPU run: the reduced set. Fused Triton steps, CUDA graphs, torch.compile and the "
-                      "CIFAR10/SD1.5-shaped U-Nets are CUDA only; the per-step cases cover the four latent "
-                      "shapes with the torch backend and diffusers."]
+        lines += ["", ("CPU run: the reduced set. Fused Triton steps, CUDA graphs and the CIFAR10/SD1.5-shaped "
+                       "U-Nets are CUDA only; the per-step cases cover the four latent shapes with the torch "
+                       "backend and diffusers; torch.compile runs for the digits model (the eager loop over "
+                       "the compiled U-Net).")]
     lines += ["", "## Targets (reported, not asserted)", "",
               *table(["target", "goal", "measured", "met", "note"], target_rows(results))]
     loops = [c for c in results["cases"] if c.get("kind") == "loop"]
@@ -219,8 +270,7 @@ def markdown(results: dict, png_name: str | None) -> str:
         for c in loops:
             rows.append([c["case"], f"{c['solver']} / {c['scheduler']}", f"{c['steps']}", "yes" if c["cfg"] else "no",
                          c["impl"], f"{fmt_time(c['median_s'])} ({fmt_time(c['iqr_s'])})", fmt(c["it_per_s"], ".1f"),
-                         fmt(c.get("ratio_to_limit"), ".3f") + (" (eager model)" if c.get("limit") == "model-eager"
-                                                                 else ""),
+                         fmt(c.get("ratio_to_limit"), ".3f") + LIMIT_NOTE.get(c.get("limit"), ""),
                          fmt(c.get("speedup_over_diffusers"), ".2f", "x")])
         lines += table(["case", "solver / diffusers", "steps", "CFG", "impl", "median (IQR)", "it/s", "÷ limit",
                         "vs diffusers"], rows)
@@ -229,18 +279,22 @@ def markdown(results: dict, png_name: str | None) -> str:
             f"{c['case']} {c['impl']} {fmt_time(c['median_s'] / c['model_calls'])} per call" for c in models)]
     for c in (c for c in results["cases"] if c.get("kind") == "side_by_side"):
         lines += ["", f"## Side by side: {c['case']} ({c['steps']} steps, {c['solver']} / {c['scheduler']})", "",
-                  "Each round runs the three in turn, so background load hits all alike (medians of "
-                  f"{c['round']['rounds']} rounds): fastdiff / model alone = "
-                  f"{c['ratio_to_model_eager']:.3f}; diffusers / fastdiff = {c['speedup_over_diffusers']:.2f}x. "
-                  "The -noop rows replace the model by a no-op: each sampler's own work per loop.", ""]
+                  ("Each round runs every row in turn, so background load hits all alike (ratios: "
+                   f"medians of the per-round ratios, {c['round']['rounds']} rounds): fastdiff / model alone = "
+                   f"{c['ratio_to_model_eager']:.3f}; diffusers / fastdiff = {c['speedup_over_diffusers']:.2f}x"
+                   + (f"; with compile=True, fastdiff / compiled model alone = "
+                      f"{c['compile']['ratio_to_model_compile']:.3f} and diffusers / fastdiff = "
+                      f"{c['compile']['speedup_over_diffusers']:.2f}x" if c.get("compile") else "")
+                   + ". The -noop rows replace the model by a no-op: each sampler's own work per loop."), ""]
         lines += table(["impl", "median (IQR)", "min"],
                        [[impl, f"{fmt_time(st['median_s'])} ({fmt_time(st['iqr_s'])})", fmt_time(st["min_s"])]
                         for impl, st in c["by_impl"].items()])
     if results["one_time"]:
         lines += ["", "## One-time costs", "",
-                  "First call: everything before the first result (buffers; on CUDA with graph=True the "
-                  "warm-up run, plus compilation with compile=True, then the capture). Compile: warm-up with "
-                  "compile minus warm-up without.", ""]
+                  ("First call: everything before the first result (buffers; on CUDA with graph=True the "
+                   "warm-up run, plus compilation with compile=True, then the capture). Compile: warm-up "
+                   "(first call on the CPU) with compile minus the same without. Compilation reuses "
+                   "torch's on-disk caches when an earlier run left them."), ""]
         lines += table(["case", "impl", "first call", "graph warm-up", "graph capture", "compile"],
                        [[o["case"], o["impl"], fmt_time(o["first_call_s"]), fmt_time(o.get("warmup_s")),
                          fmt_time(o.get("capture_s")), fmt_time(o.get("compile_s"))] for o in results["one_time"]])
@@ -282,6 +336,10 @@ def plot(results: dict, path: Path) -> bool:
     frac += [(f"step {c['solver']} {'cfg ' if c['cfg'] else ''}{'x'.join(map(str, c['shape']))} (of copy bw)",
               c["fraction_of_copy"]) for c in steps if c.get("fraction_of_copy")]
     for c in (c for c in results["cases"] if c.get("kind") == "side_by_side"):
+        if c.get("compile"):
+            speed.insert(0, (f"loop {c['case']} side by side, compile", c["compile"]["speedup_over_diffusers"]))
+            frac.insert(0, (f"loop {c['case']} side by side, compile (compiled model alone)",
+                            1 / c["compile"]["ratio_to_model_compile"]))
         speed.insert(0, (f"loop {c['case']} side by side", c["speedup_over_diffusers"]))
         frac.insert(0, (f"loop {c['case']} side by side (model alone)", 1 / c["ratio_to_model_eager"]))
     n = max(len(speed), len(frac), 1)

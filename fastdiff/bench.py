@@ -24,7 +24,7 @@ import torch
 from .bench_cases import (  # noqa: F401
     BANDWIDTH_SHAPE, SCHEDULERS, STEP_SHAPES, LoopModel, _step_table, cifar10_model, diffusers_loop,
     diffusers_step, digits_model, fastdiff_loop, fastdiff_step, graph_timings, model_alone, sd15_model,
-    step_bytes, without_model,
+    step_bytes, with_model_copy, without_model,
 )
 
 

@@ -15,6 +15,7 @@ fused kernel draws it in registers.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Callable
@@ -335,13 +336,27 @@ def diffusers_loop(lm: LoopModel, device) -> Callable[[], torch.Tensor]:
     return run
 
 
-def model_alone(lm: LoopModel, device, graph: bool = False) -> tuple[Callable[[], object], int]:
+def with_model_copy(lm: LoopModel) -> LoopModel:
+    """The same case over a deep copy of the model: compile_model makes a conv net channels_last
+    in place, which must not change the eager cases timed beside it."""
+    return dataclasses.replace(lm, model=copy.deepcopy(lm.model))
+
+
+def model_alone(lm: LoopModel, device, graph: bool = False,
+                compile: bool = False) -> tuple[Callable[[], object], int]:
     """(run, model calls per run): one eager call on the loop's batch; or, with graph=True,
-    all `steps` calls replayed from one CUDA graph (the limit for a whole loop)."""
+    all `steps` calls replayed from one CUDA graph (the limit for a whole loop). compile=True
+    calls the model as Sampler(compile=True) does (fastdiff.graph.compile_model): the limit of
+    a compiled loop; the first call compiles."""
     device = torch.device(device)
     x = torch.randn((lm.model_batch, *lm.sample_shape), device=device).to(lm.dtype)
     t = torch.full((lm.model_batch,), 500.0, device=device)
     kwargs = lm.model_kwargs()
+    if compile:
+        from .graph import compile_model
+
+        model = compile_model(lm.model)
+        return torch.no_grad()(lambda: model(x, t, **kwargs)), 1
     if not graph:
         return torch.no_grad()(lambda: lm.model(x, t, **kwargs)), 1
     side = torch.cuda.Stream()

@@ -131,3 +131,47 @@ def test_report_rejects_other_json(report, tmp_path):
     path.write_text(json.dumps({"benchmarks": []}))
     with pytest.raises(ValueError, match="not a fastdiff results file"):
         report.write_report(path)
+
+
+def test_report_cpu_compile_limit_and_side_by_side(report):
+    """CPU: Sampler(compile=True)'s limit is the compiled model alone, its compile time is its
+    first call minus the eager loop's; the side-by-side round gives the digits targets."""
+    loop = dict(case="digits-b8-fp32", model="digits", batch=8, steps=20, dtype="float32", cfg=True,
+                solver="dpmpp_2m", scheduler="DPMSolverMultistepScheduler", sample_shape=[1, 16, 16], note="",
+                model_calls=1)
+    benchmarks = [
+        _bench("eager", [0.62, 0.63, 0.64], **loop, kind="loop", impl="fastdiff-eager", first_call_s=0.7),
+        _bench("compile", [0.41, 0.42, 0.43], **loop, kind="loop", impl="fastdiff-compile", first_call_s=40.7),
+        _bench("diffusers", [0.63, 0.64, 0.65], **loop, kind="loop", impl="diffusers-eager", first_call_s=0.7),
+        _bench("model", [0.031, 0.0315, 0.032], **loop, kind="model", impl="model-eager"),
+        _bench("model-compile", [0.0205, 0.021, 0.0215], **loop, kind="model", impl="model-compile"),
+        _bench("side", [3.0, 3.1, 3.2], **loop, kind="side_by_side", impl="interleaved", samples_by_impl={
+            "fastdiff": [0.62, 0.63, 0.64], "diffusers-eager": [0.63, 0.64, 0.65], "model-eager": [0.62, 0.63, 0.64],
+            "fastdiff-compile": [0.42, 0.43, 0.41], "model-compile": [0.42, 0.43, 0.41],
+            "fastdiff-noop": [0.003, 0.003, 0.003], "diffusers-noop": [0.004, 0.004, 0.004]}),
+    ]
+    pb = {"benchmarks": benchmarks, "datetime": "2026-11-26T10:00:00", "machine_info": {"cpu": {"count": 2}}}
+    meta = {"device": "cpu", "device_name": "CPU", "command": "pytest benchmarks/",
+            "machine": {"python": "3.11.7", "torch": "2.13.0", "triton": "3.9.0", "diffusers": "0.42.1"}}
+    results = report.summarize(pb, meta)
+    by_name = {c["name"]: c for c in results["cases"]}
+    compiled = by_name["compile"]
+    assert compiled["limit"] == "model-compile" and compiled["ratio_to_limit"] == pytest.approx(0.42 / (20 * 0.021))
+    assert compiled["compile_s"] == pytest.approx(40.0)
+    assert by_name["eager"]["limit"] == "model-eager"
+    targets = {t["target"]: t for t in results["targets"]}
+    assert targets["digits (CPU): fastdiff loop / (steps x model alone)"]["measured"] == pytest.approx(1.0)
+    assert targets["digits (CPU): speedup over the diffusers-style loop, same eager model"]["measured"] == \
+        pytest.approx(0.64 / 0.63)
+    assert targets["digits (CPU): compile=True loop / (steps x compiled model alone)"]["measured"] == \
+        pytest.approx(0.42 / 0.42)
+    speedup = targets["digits (CPU): compile=True speedup over the diffusers-style loop"]
+    assert speedup["measured"] == pytest.approx(0.63 / 0.42) and speedup["met"] is True  # per-round ratios' median
+    md = report.markdown(results, None)
+    assert "with compile=True, fastdiff / compiled model alone = 1.000" in md and "(compiled model)" in md
+    # rounds that disagree on the sign: the interval holds 1, the verdict is "within noise"
+    benchmarks[-1]["extra_info"]["samples_by_impl"]["diffusers-eager"] = [0.60, 0.64, 0.66]
+    noisy = {t["target"]: t for t in report.summarize(pb, meta)["targets"]}
+    eager = noisy["digits (CPU): speedup over the diffusers-style loop, same eager model"]
+    assert eager["ci90"][0] < 1 < eager["ci90"][1] and eager["met"] is None
+    assert "| within noise |" in report.markdown(report.summarize(pb, meta), None)
