@@ -20,6 +20,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .seeds import as_seeds
+
 MASK32 = 0xFFFFFFFF
 PHILOX_KEY_A = 0x9E3779B9
 PHILOX_KEY_B = 0xBB67AE85
@@ -87,25 +89,6 @@ def box_muller(u1: torch.Tensor, u2: torch.Tensor) -> tuple[torch.Tensor, torch.
     return r * _f32(torch.cos, th), r * _f32(torch.sin, th)
 
 
-def _seed_tensor(seeds, device) -> torch.Tensor:
-    if isinstance(seeds, torch.Tensor):
-        s = seeds.reshape(-1)
-        if s.dtype.is_floating_point or s.dtype == torch.bool:
-            raise TypeError(f"seeds must be integers, got {s.dtype}")
-        s = s.to(device=device, dtype=torch.int64)
-    else:
-        seq = [seeds] if isinstance(seeds, int) else list(seeds)
-        for v in seq:
-            if not (0 <= int(v) < 2**63):
-                raise ValueError(f"seed {v} outside [0, 2**63)")
-        s = torch.tensor([int(v) for v in seq], dtype=torch.int64, device=device)
-    # checked on the host only: on a GPU this would sync, and the sampler's seeds were
-    # checked when they entered (fastdiff.seeds.as_seeds); a captured loop calls this
-    if s.device.type == "cpu" and s.numel() and bool((s < 0).any()):
-        raise ValueError("seeds must be non-negative")
-    return s
-
-
 def randn(
     seeds: Sequence[int] | torch.Tensor | int,
     step: int,
@@ -124,7 +107,7 @@ def randn(
         raise ValueError(f"step must be in [0, 2**32), got {step}")
     if not (0 <= int(stream) <= MASK32):
         raise ValueError(f"stream must be in [0, 2**32), got {stream}")
-    s = _seed_tensor(seeds, device)  # [B]
+    s = as_seeds(seeds, device=device, host_check=False)  # [B]; a captured loop calls this
     numel = 1
     for d in shape:
         numel *= d

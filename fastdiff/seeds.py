@@ -8,15 +8,31 @@ import torch
 MAX_SEED = 2**63 - 1
 
 
-def as_seeds(seeds, batch: int | None = None, device=None) -> torch.Tensor:
-    """Seeds as an int64 tensor [B]; checks count and range."""
-    if isinstance(seeds, int):
-        seeds = [seeds]
-    t = torch.as_tensor(seeds, dtype=torch.int64, device=device).reshape(-1)
+def as_seeds(seeds, batch: int | None = None, device=None, *, host_check: bool = True) -> torch.Tensor:
+    """Seeds as an int64 tensor [B] of integers in [0, MAX_SEED]; checks type, count and range.
+
+    Python ints are checked as they are read. A tensor's values are checked where that is
+    free (on the CPU) or asked for: host_check=True reads a GPU tensor back (a sync); the
+    noise inside a captured loop passes False, its seeds having been checked on entry.
+    Floats and bools raise TypeError: a seed is never rounded.
+    """
+    if isinstance(seeds, torch.Tensor):
+        if seeds.dtype.is_floating_point or seeds.dtype.is_complex or seeds.dtype == torch.bool:
+            raise TypeError(f"seeds must be integers, got a {seeds.dtype} tensor")
+        t = seeds.reshape(-1).to(device=device, dtype=torch.int64)
+        if (host_check or t.device.type == "cpu") and t.numel() and bool((t < 0).any()):
+            raise ValueError("seeds must be non-negative integers")
+    else:
+        values = []
+        for v in ([seeds] if isinstance(seeds, int) else seeds):
+            if isinstance(v, bool) or not hasattr(v, "__index__"):
+                raise TypeError(f"seeds must be integers, got {v!r}")
+            if not 0 <= int(v) <= MAX_SEED:
+                raise ValueError(f"seeds must be integers in [0, 2**63), got {v}")
+            values.append(int(v))
+        t = torch.tensor(values, dtype=torch.int64, device=device)
     if batch is not None and t.numel() != batch:
         raise ValueError(f"len(seeds) must equal the batch size {batch}, got {t.numel()}")
-    if t.numel() and bool((t < 0).any()):
-        raise ValueError("seeds must be non-negative integers")
     return t
 
 

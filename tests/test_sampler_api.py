@@ -69,6 +69,14 @@ def test_sample_errors():
         sampler.sample(noise=torch.randn(2, 3), seeds=[0])
     with pytest.raises(ValueError, match="needs noise=x_T or shape"):
         sampler.sample()
+    with pytest.raises(TypeError, match="seeds must be integers, got 1.5"):  # never rounded to 1
+        sampler.sample(shape=(2, 3), seeds=[0, 1.5])
+    with pytest.raises(TypeError, match="seeds must be integers, got a torch.float32 tensor"):
+        sampler.sample(shape=(2, 3), seeds=torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match=r"seeds must be integers in \[0, 2\*\*63\), got -1"):
+        sampler.sample(shape=(2, 3), seeds=[0, -1])
+    with pytest.raises(ValueError, match="seeds must be non-negative integers"):
+        sampler.sample(shape=(2, 3), seeds=torch.tensor([0, -1]))
     with pytest.raises(ValueError, match="strength must be in \\(0, 1\\]"):
         sampler.sample(shape=(2, 3), seeds=[0, 1], init=torch.zeros(2, 3), strength=1.5)
     with pytest.raises(ValueError, match="batched along dim 0"):
