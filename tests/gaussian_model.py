@@ -10,23 +10,35 @@ import torch
 
 
 class GaussianDenoiser(torch.nn.Module):
+    """The exact eps / x0 / v for data N(mu, s^2) at (fractional) timestep t.
+
+    `schedule` is a fastdiff Schedule or a raw alphas_cumprod tensor (a diffusers scheduler's);
+    t is a [B] tensor or a scalar (as diffusers' loops pass it).
+    """
+
     def __init__(self, schedule, mu=0.7, s=0.5, prediction="epsilon"):
         super().__init__()
-        self.schedule, self.mu, self.s, self.prediction = schedule, mu, s, prediction
+        self.mu, self.s, self.prediction = mu, s, prediction
         self.calls = 0
-        # log-sigma table on the model's device: interpolating it is graph-safe (no host sync)
-        self.register_buffer("log_sigma", schedule.sigmas.log())
+        abar = schedule.double() if torch.is_tensor(schedule) else schedule.alphas_cumprod
+        # log-sigma table on the model's device: interpolating it is graph-safe (no host sync);
+        # +inf at zero terminal SNR
+        self.register_buffer("log_sigma", ((1.0 - abar) / abar).sqrt().log())
 
     def abar(self, t):
-        """alphas_cumprod at fractional t, log-sigma interpolated (Schedule.sigma_at), on device."""
+        """alphas_cumprod at fractional t, log-sigma interpolated (Schedule.sigma_at), on device.
+        At an integer t the table's value itself, so an infinite end never meets a zero weight."""
         t = t.detach().double()
-        lo = t.floor().long().clamp(0, self.log_sigma.numel() - 2)
+        ls = self.log_sigma
+        lo = t.floor().long().clamp(0, ls.numel() - 2)
         w = t - lo
-        log_s = (1 - w) * self.log_sigma[lo] + w * self.log_sigma[lo + 1]
-        return 1.0 / (1.0 + torch.exp(2 * log_s))
+        mix = (1 - w) * ls[lo] + w * ls[lo + 1]
+        log_s = torch.where(w == 0, ls[lo], torch.where(w == 1, ls[lo + 1], mix))
+        return torch.sigmoid(-2 * log_s)  # 1 / (1 + sigma^2)
 
     def forward(self, x, t, **kwargs):
         self.calls += 1
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
         abar = self.abar(t).reshape(-1, *([1] * (x.ndim - 1)))
         a, sg = abar.sqrt(), (1 - abar).sqrt()
         xd = x.double()

@@ -16,6 +16,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from fastdiff import Sampler, rng  # noqa: E402
 from fastdiff.solvers.table import STREAM_STEP  # noqa: E402
+from gaussian_model import GaussianDenoiser  # noqa: E402
 
 # diffusers' own deprecation noise (numpy __array__ copy=, deprecated algorithm types)
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:diffusers.*",
@@ -23,34 +24,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:diffusers.*"
 MU, S = 0.7, 0.5
 RTOL = 2e-4
 SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-
-
-class GaussianDenoiser:
-    """Exact eps/v/x0 for data N(MU, S^2) at (fractional) timestep t of `alphas_cumprod`."""
-
-    def __init__(self, alphas_cumprod: torch.Tensor, prediction: str):
-        abar = alphas_cumprod.double()
-        self.log_sigma = ((1 - abar) / abar).sqrt().log()  # +inf at zero terminal SNR
-        self.prediction = prediction
-
-    def abar(self, t: torch.Tensor) -> torch.Tensor:
-        # log-sigma interpolated linearly between integers, as fastdiff's Schedule.sigma_at
-        T = self.log_sigma.numel()
-        lo = t.floor().long().clamp(0, T - 2)
-        w = t - lo
-        mix = (1 - w) * self.log_sigma[lo] + w * self.log_sigma[lo + 1]
-        log_sigma = torch.where(w == 0, self.log_sigma[lo], torch.where(w == 1, self.log_sigma[lo + 1], mix))
-        return torch.sigmoid(-2 * log_sigma)  # 1 / (1 + sigma^2)
-
-    def __call__(self, x: torch.Tensor, t, **kwargs) -> torch.Tensor:
-        t = torch.as_tensor(t).double().reshape(-1).expand(x.shape[0])
-        a2 = self.abar(t).reshape(-1, *[1] * (x.ndim - 1))
-        a, sigma = a2.sqrt(), (1 - a2).sqrt()
-        x = x.double()
-        x0 = MU + S * S * a * (x - a * MU) / (a2 * S * S + 1 - a2)
-        eps = (x - a * x0) / sigma
-        out = {"epsilon": eps, "v_prediction": a * eps - sigma * x0, "sample": x0}[self.prediction]
-        return out.float()
 
 
 def diffusers_loop(scheduler, model, noise: torch.Tensor, steps: int, **step_kw) -> torch.Tensor:
@@ -64,7 +37,7 @@ def diffusers_loop(scheduler, model, noise: torch.Tensor, steps: int, **step_kw)
 
 def make(name: str, config: dict):
     scheduler = getattr(diffusers, name)(**config)
-    return scheduler, GaussianDenoiser(scheduler.alphas_cumprod, scheduler.config.prediction_type)
+    return scheduler, GaussianDenoiser(scheduler.alphas_cumprod, MU, S, scheduler.config.prediction_type)
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -271,7 +244,7 @@ def test_unknown_future_config_field_is_refused(monkeypatch):
 
 def test_config_dict_and_overrides():
     scheduler, _ = make("DPMSolverMultistepScheduler", {})
-    model = GaussianDenoiser(scheduler.alphas_cumprod, "v_prediction")
+    model = GaussianDenoiser(scheduler.alphas_cumprod, MU, S, "v_prediction")
     # a config dict plus a config override (as from_config(**kwargs)) plus runtime options
     config = json.loads(scheduler.to_json_string())  # as scheduler_config.json, with _class_name
     sampler = Sampler.from_diffusers(config, model, steps=8, prediction_type="v_prediction",
