@@ -107,6 +107,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per case (default %(default)s)")
     p.add_argument("--quick", action="store_true",
                    help="tiny sizes, few rounds: checks that every case runs (seconds); not a measurement")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the digits loop with Sampler(compile=True) against its compiled model "
+                        "alone (compiling takes a minute or so the first time)")
     p.add_argument("--json", default=None, help="also write every measurement (samples, medians, IQRs) here")
 
 
@@ -146,9 +149,11 @@ def _step_row(device, quick: bool, rounds: int, copy_bps: float, diffusers: bool
     return Row(name, per_step, cases["fastdiff"].bytes_moved / copy_bps, "bytes at copy bandwidth", note=note)
 
 
-def _loop_row(lm: LoopModel, device, rounds: int, diffusers: bool) -> Row:
+def _loop_row(lm: LoopModel, device, rounds: int, diffusers: bool, compile: bool = False) -> Row:
+    """fastdiff's default Sampler (compile=True: over the compiled model, whose limit is then the
+    compiled model alone) against the reference, diffusers and steps x the model alone."""
     cuda = device.type == "cuda"
-    run = fastdiff_loop(lm, device)[1]
+    run = fastdiff_loop(lm, device, compile=compile)[1]
     start = time.perf_counter()
     run()  # the first call: buffers, and on CUDA warm-up + graph capture
     sync(device)
@@ -158,7 +163,7 @@ def _loop_row(lm: LoopModel, device, rounds: int, diffusers: bool) -> Row:
         fns["reference"] = fastdiff_loop(lm, device, backend="torch", graph=False)[1]
     if diffusers:
         fns["diffusers"] = diffusers_loop(lm, device)
-    limit_run, calls = model_alone(lm, device, graph=cuda)
+    limit_run, calls = model_alone(lm, device, graph=cuda, compile=compile)
     fns["limit"] = limit_run
     noop = without_model(lm)
     fns["fastdiff-noop"] = fastdiff_loop(noop, device)[1]
@@ -169,8 +174,9 @@ def _loop_row(lm: LoopModel, device, rounds: int, diffusers: bool) -> Row:
     own = {k[:-5]: t.pop(k).median for k in list(t) if k.endswith("-noop")}
     note = "sampler's own work per loop (model replaced by a no-op): " + ", ".join(
         f"{k} {fmt_time(v)}" for k, v in own.items()) + f"; {lm.note}"
-    name = f"loop {lm.name}{' CFG' if lm.cfg else ''} {lm.steps} steps {lm.solver}"
-    return Row(name, t, limit, "model alone" + (" in a CUDA graph" if cuda else "") + f" x {lm.steps}",
+    name = f"loop {lm.name}{' CFG' if lm.cfg else ''} {lm.steps} steps {lm.solver}{' compile' if compile else ''}"
+    return Row(name, t, limit, ("compiled " if compile else "") + "model alone"
+               + (" in a CUDA graph" if cuda else "") + f" x {lm.steps}",
                first_call_s=first, note=note)
 
 
@@ -208,7 +214,8 @@ def print_table(rows: list[Row], header: str) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(line, widths)))
     print()
     print("fastdiff: the default Sampler on this device (CUDA: fused kernels + one CUDA graph; CPU: eager, "
-          "torch backend); reference: the torch backend, eager; median ± IQR/2 of interleaved rounds.")
+          "torch backend), with compile=True on '... compile' rows; reference: the torch backend, eager; "
+          "median ± IQR/2 of interleaved rounds.")
     for r in rows:
         extra = f"first call {fmt_time(r.first_call_s)}; " if r.first_call_s is not None else ""
         print(f"  {r.case}: limit = {r.limit_name}; {extra}{r.note}")
@@ -254,6 +261,8 @@ def main(args: argparse.Namespace) -> int:
     for lm in loops:
         rows.append(_loop_row(lm, device, rounds, diffusers))
         del lm
+    if args.compile:  # over a copy: compile_model makes a conv net channels_last in place
+        rows.append(_loop_row(with_model_copy(loops[0]), device, rounds, diffusers, compile=True))
     seconds = time.perf_counter() - start
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print_table(rows, f"fastdiff bench on {name} ({device}); copy bandwidth {copy_bps / 1e9:.1f} GB/s; "

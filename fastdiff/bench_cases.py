@@ -347,33 +347,31 @@ def model_alone(lm: LoopModel, device, graph: bool = False,
     """(run, model calls per run): one eager call on the loop's batch; or, with graph=True,
     all `steps` calls replayed from one CUDA graph (the limit for a whole loop). compile=True
     calls the model as Sampler(compile=True) does (fastdiff.graph.compile_model): the limit of
-    a compiled loop; the first call compiles."""
+    a compiled loop; the first call (on CUDA the warm-up before capture) compiles."""
     device = torch.device(device)
     x = torch.randn((lm.model_batch, *lm.sample_shape), device=device).to(lm.dtype)
     t = torch.full((lm.model_batch,), 500.0, device=device)
     kwargs = lm.model_kwargs()
+    model = lm.model
     if compile:
         from .graph import compile_model
 
-        model = compile_model(lm.model)
-        return torch.no_grad()(lambda: model(x, t, **kwargs)), 1
+        model = compile_model(model)
     if not graph:
-        return torch.no_grad()(lambda: lm.model(x, t, **kwargs)), 1
+        return torch.no_grad()(lambda: model(x, t, **kwargs)), 1
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side), torch.no_grad():
         for _ in range(3):
-            lm.model(x, t, **kwargs)
+            model(x, t, **kwargs)
     torch.cuda.current_stream().wait_stream(side)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g), torch.no_grad():
         for _ in range(lm.steps):
-            lm.model(x, t, **kwargs)
+            model(x, t, **kwargs)
 
     def run():  # holds x, t, kwargs and g: the captured buffers must outlive the graph
         g.replay()
         return x, t, kwargs
 
     return run, lm.steps
-
-

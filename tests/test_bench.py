@@ -61,6 +61,24 @@ def test_bench_quick_prints_the_table(capsys, tmp_path):
         assert row["fastdiff"]["median_s"] > 0 and row["limit_s"] > 0
 
 
+def test_bench_compile_adds_a_row_over_the_compiled_model(capsys, monkeypatch):
+    """--compile: one more digits row, whose sampler and limit both call graph.compile_model
+    (replaced here by a recorder: real compilation is tested in test_graph.py)."""
+    import fastdiff.graph
+
+    compiled = []
+
+    def record(model):
+        compiled.append(model)
+        return model
+
+    monkeypatch.setattr(fastdiff.graph, "compile_model", record)
+    assert cli.main(["bench", "--quick", "--rounds", "1", "--compile"]) == 0
+    text = capsys.readouterr().out
+    assert "dpmpp_2m compile" in text and "limit = compiled model alone x 3" in text
+    assert len(compiled) == 2 and compiled[0] is compiled[1]  # one model copy: the sampler's and the limit's
+
+
 def test_bench_rejects_bad_rounds(capsys):
     assert cli.main(["bench", "--rounds", "0"]) == 2
     assert "--rounds" in capsys.readouterr().err
