@@ -78,6 +78,8 @@ class Sampler:
             raise ValueError(f"graph must be 'auto', True or False, got {graph!r}")
         if not 0 <= guidance_rescale <= 1:
             raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile must be True or False, got {compile!r}")
         if not isinstance(max_graphs, int) or max_graphs < 1:
             raise ValueError(f"max_graphs must be a positive integer, got {max_graphs!r}")
         self._check_guidance_scale(guidance_scale)

@@ -44,6 +44,7 @@ def test_the_documented_api_runs():
     (dict(backend="cuda"), "unknown backend 'cuda'; allowed: auto, torch, triton"),
     (dict(graph=True), "graph=True needs a CUDA device"),
     (dict(corrector="ald"), "unknown corrector"),
+    (dict(compile="max-autotune"), "compile must be True or False, got 'max-autotune'"),
 ])
 def test_constructor_errors_name_the_parameter_and_allowed_values(kwargs, match):
     if kwargs.get("graph") is True and torch.cuda.is_available():
