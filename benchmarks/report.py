@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import sys
 from pathlib import Path
 
-from fastdiff.bench import fmt_time
+from fastdiff.bench import fmt_time, paired_ratio
 
 SCHEMA = "fastdiff-bench/1"
 FUSED = "fastdiff-triton-graph"
@@ -106,16 +105,6 @@ def _loop_ratios(entries: list[dict]) -> None:
             a, b = impls.get(compiled), impls.get(plain)
             if a and b and a.get(key) and b.get(key):
                 a["compile_s"] = a[key] - b[key]
-
-
-def paired_ratio(num: list[float], den: list[float], resamples: int = 2000) -> dict:
-    """Median of the per-round ratios num[i] / den[i] and its 90% bootstrap interval (fixed
-    seed): within one round both ran back to back, so the ratio cancels the machine's drift."""
-    ratios = [a / b for a, b in zip(num, den)]
-    rand = random.Random(0)
-    medians = sorted(statistics.median(rand.choices(ratios, k=len(ratios))) for _ in range(resamples))
-    return {"median": statistics.median(ratios), "ci90": [medians[int(0.05 * resamples)],
-                                                          medians[int(0.95 * resamples) - 1]]}
 
 
 def _side_by_side(c: dict) -> None:

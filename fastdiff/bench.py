@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -88,6 +89,16 @@ def measure(fns: dict[str, Callable[[], object]], device, *, rounds: int = 7, wa
             sync(device)
             samples[name].append((time.perf_counter() - t0) / inner[name])
     return {name: Timing(s) for name, s in samples.items()}
+
+
+def paired_ratio(num: list[float], den: list[float], resamples: int = 2000) -> dict:
+    """Median of the per-round ratios num[i] / den[i] and its 90% bootstrap interval (fixed
+    seed): within one round both ran back to back, so the ratio cancels the machine's drift."""
+    ratios = [a / b for a, b in zip(num, den)]
+    rand = random.Random(0)
+    medians = sorted(statistics.median(rand.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    return {"median": statistics.median(ratios), "ci90": [medians[int(0.05 * resamples)],
+                                                          medians[int(0.95 * resamples) - 1]]}
 
 
 def copy_bandwidth(device, nbytes: int | None = None, rounds: int = 10) -> tuple[float, Timing, int]:
@@ -194,6 +205,16 @@ def _speedup(ratio: float) -> str:
     return f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
 
 
+def vs_diffusers(timings: dict) -> str:
+    """fastdiff against diffusers from their paired rounds: the median per-round speedup, or
+    'within noise' with the 90% interval when that interval holds 1."""
+    if "diffusers" not in timings:
+        return "n/a"
+    p = paired_ratio(timings["diffusers"].samples, timings["fastdiff"].samples)
+    lo, hi = p["ci90"]
+    return f"within noise ({lo:.2f}-{hi:.2f}x)" if lo <= 1 <= hi else _speedup(p["median"])
+
+
 def print_table(rows: list[Row], header: str) -> None:
     cols = ("case", "fastdiff", "reference", "diffusers", "limit", "vs diffusers", "÷ limit")
     lines = []
@@ -204,7 +225,7 @@ def print_table(rows: list[Row], header: str) -> None:
                       fmt_time(med.get("reference")) if "reference" in med else "(same)",
                       fmt_time(med.get("diffusers")) if "diffusers" in med else "n/a",
                       fmt_time(r.limit),
-                      _speedup(med["diffusers"] / fd) if "diffusers" in med else "n/a",
+                      vs_diffusers(r.timings),
                       f"{fd / r.limit:.3f}" if r.limit else "-"))
     widths = [max(len(c), *(len(line[i]) for line in lines)) for i, c in enumerate(cols)]
     print(header)
@@ -215,7 +236,7 @@ def print_table(rows: list[Row], header: str) -> None:
     print()
     print("fastdiff: the default Sampler on this device (CUDA: fused kernels + one CUDA graph; CPU: eager, "
           "torch backend), with compile=True on '... compile' rows; reference: the torch backend, eager; "
-          "median ± IQR/2 of interleaved rounds.")
+          "median ± IQR/2 of interleaved rounds; vs diffusers: the median of the per-round ratios.")
     for r in rows:
         extra = f"first call {fmt_time(r.first_call_s)}; " if r.first_call_s is not None else ""
         print(f"  {r.case}: limit = {r.limit_name}; {extra}{r.note}")

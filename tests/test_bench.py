@@ -39,6 +39,17 @@ def test_measure_times_each_function_every_round():
     assert calls == {"a": 4, "b": 4}  # one warm-up + three rounds of one call each
 
 
+def test_vs_diffusers_reads_the_paired_rounds():
+    T = bench.Timing
+    fast, slow = T([1.0, 1.1, 0.9, 1.0, 1.05]), T([2.0, 2.2, 1.8, 2.0, 2.1])
+    assert bench.vs_diffusers({"fastdiff": fast, "diffusers": slow}) == "2.00x faster"
+    assert bench.vs_diffusers({"fastdiff": slow, "diffusers": fast}) == "2.00x slower"
+    # round by round the sign flips: the interval holds 1
+    noisy = T([1.05, 1.0, 0.96, 1.1, 0.9])
+    assert bench.vs_diffusers({"fastdiff": fast, "diffusers": noisy}).startswith("within noise (")
+    assert bench.vs_diffusers({"fastdiff": fast}) == "n/a"
+
+
 def test_step_bytes_counts_what_the_step_moves():
     table, _ = bench._step_table("dpmpp_2m", "cpu", None)
     row = table.rows // 2  # reads H0 and pushes D: x r/w + H0 read + push = 4 state tensors
