@@ -10,6 +10,7 @@
     model-eager             the model alone, one call on the loop's batch (x steps: its model time)
     model-graph             the model alone, all `steps` calls replayed from one CUDA graph: the limit
     model-compile           CPU: the compiled model alone (as compile=True calls it): fastdiff-compile's limit
+    model-graph-compile     CUDA: the compiled model alone, `steps` calls in one graph: fastdiff-graph-compile's limit
 
 Models: on every device the digits model (8 samples, CFG 3, 20 steps, dpmpp_2m against
 DPMSolverMultistepScheduler, as `fastdiff sample`). On CUDA also the CIFAR10-shaped
@@ -49,7 +50,7 @@ def cases(quick: bool):
     if CUDA:
         out += [
             ("cifar10-b1-fp32", lambda d: bench.cifar10_model(d, 1, f32, steps=50), impls),
-            ("sd15-b1-fp16", lambda d: bench.sd15_model(d, 1, f16, steps=25), impls + ("fastdiff-graph-compile",)),
+            ("sd15-b1-fp16", lambda d: bench.sd15_model(d, 1, f16, steps=25), impls + ("fastdiff-graph-compile", "model-graph-compile")),
             ("cifar10-b64-fp16", lambda d: bench.cifar10_model(d, 64, f16, steps=50), impls),
             ("sd15-b8-fp16", lambda d: bench.sd15_model(d, 8, f16, steps=25), impls),
         ]
@@ -101,7 +102,8 @@ def test_loop(benchmark, device, case, build, impl):
         run = bench.diffusers_loop(lm, device)
         info["first_call_s"] = timed_call(run, device)
     else:
-        run, info["model_calls"] = bench.model_alone(lm, device, graph=impl == "model-graph", compile=compile)
+        run, info["model_calls"] = bench.model_alone(lm, device, graph=impl.startswith("model-graph"),
+                                                     compile=compile)
         info["first_call_s"] = timed_call(run, device)
     per_call = timed_call(run, device)  # a warm call sizes the rounds
     iterations = max(1, math.ceil(0.02 / per_call))  # model-eager: >= 20 ms per round

@@ -137,6 +137,7 @@ def test_report_summarizes_and_renders(report, tmp_path):
     assert graph["ratio_to_limit"] == pytest.approx(0.132 / 0.130)  # model-graph holds all 50 calls
     assert graph["speedup_over_diffusers"] == pytest.approx(1.02 / 0.132)
     assert graph["it_per_s"] == pytest.approx(50 / 0.132)
+    assert by_name["test_loop[compile]"]["ratio_to_limit"] is None  # no compiled model alone in this run
     targets = {t["target"]: t for t in results["targets"]}
     speedup = targets["speedup over diffusers DDPMScheduler.step + CFG, 16x4x64x64"]
     assert speedup["measured"] == pytest.approx(50.0) and speedup["met"] is True
