@@ -45,10 +45,15 @@ def _mul_hi_lo(x: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (p >> 32) & MASK32, p & MASK32
 
 
-def _as_u32(v, device) -> torch.Tensor:
+def _as_u32(v, device):
+    """A uint32 lane: int tensors masked; a Python int stays a Python int (it broadcasts, and
+    building a tensor from it on a GPU would copy from the host, which a CUDA graph capture
+    forbids) unless no argument is a tensor, where it becomes a CPU tensor."""
     if isinstance(v, torch.Tensor):
         return v.to(device=device, dtype=torch.int64) & MASK32
-    return torch.tensor(int(v) & MASK32, dtype=torch.int64, device=device)
+    if device is None:
+        return torch.tensor(int(v) & MASK32, dtype=torch.int64)
+    return int(v) & MASK32
 
 
 def philox4x32(key0, key1, c0, c1, c2, c3, rounds: int = 10):

@@ -195,3 +195,20 @@ def test_cuda_equals_cpu():
     cpu = rng.randn(seeds, 3, STREAM_STEP, (4, 32, 32))
     gpu = rng.randn(seeds.cuda(), 3, STREAM_STEP, (4, 32, 32)).cpu()
     _assert_normals_equal(gpu, cpu, max_ulp=1)
+
+
+def test_randn_builds_no_tensor_from_host_values_on_the_target_device(monkeypatch):
+    """Inside a captured CUDA graph, torch.tensor(value, device=gpu) is a host-to-device copy,
+    which capture forbids: the noise must pass step and stream as Python ints."""
+    real, placed = torch.tensor, []
+
+    def spy(*args, **kwargs):
+        if kwargs.get("device") is not None:
+            placed.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    seeds = torch.tensor([3, 4])
+    want = rng.randn(seeds, 5, STREAM_STEP, (3, 5))
+    monkeypatch.setattr(torch, "tensor", spy)
+    got = rng.randn(seeds, 5, STREAM_STEP, (3, 5), device="cpu")
+    assert placed == [] and torch.equal(got, want)
