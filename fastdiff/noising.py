@@ -58,7 +58,9 @@ def noise_to_level(x0: torch.Tensor, abar, *, noise: torch.Tensor | None = None,
 
         if seeds is None:
             seeds = torch.zeros(B, dtype=torch.int64, device=x0.device)
-        return forward_noise(x0, abar, seeds, step=step, noise=noise)
+        # the kernel reads flat rows: a permuted image (NHWC data viewed as NCHW) is copied first
+        return forward_noise(x0.contiguous(), abar, seeds, step=step,
+                             noise=None if noise is None else noise.contiguous())
     if noise is None:
         noise = rng.randn(seeds, step, STREAM_FORWARD, x0.shape[1:], device=x0.device)
     shape = (B,) + (1,) * (x0.ndim - 1)

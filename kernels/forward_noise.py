@@ -73,7 +73,7 @@ def forward_noise(
     N = x0[0].numel() if B else 0
     if B == 0 or N == 0:
         return out
-    abar = abar.contiguous()
+    abar, seeds = abar.contiguous(), seeds.contiguous()  # the kernel reads abar[b], seeds[b]
     BLOCK = min(1024, max(16, triton.next_power_of_2(N)))
     _forward_noise_kernel[(triton.cdiv(N, BLOCK), B)](
         x0, abar, seeds, noise if noise is not None else x0, out, int(step), N,

@@ -82,3 +82,21 @@ def test_validation(kernel_device):
         forward_noise(x0, abar, seeds, noise=torch.zeros(2, 5, device=kernel_device))
     with pytest.raises(ValueError, match="x0"):
         forward_noise(x0.double(), abar, seeds)
+
+
+def test_add_noise_takes_strided_inputs_on_the_fused_path(kernel_device):
+    """A permuted image (NHWC data viewed as NCHW), a strided noise and a strided seed view:
+    the fused path equals the torch path on contiguous copies."""
+    from fastdiff import Schedule, add_noise
+
+    nhwc = torch.randn(3, 5, 6, 2, device=kernel_device)
+    x0 = nhwc.permute(0, 3, 1, 2)  # [3, 2, 5, 6], not contiguous
+    noise = torch.randn(3, 2, 6, 5, device=kernel_device).transpose(2, 3)
+    seeds = torch.tensor([7, 0, 8, 0, 9, 0], device=kernel_device)[::2]
+    t = torch.tensor([10, 500, 990], device=kernel_device)
+    sch = Schedule.linear()
+    for kw in (dict(noise=noise), dict(seeds=seeds)):
+        got = add_noise(x0, t, sch, backend="triton", **kw)
+        contiguous = {k: v.contiguous() for k, v in kw.items()}
+        want = add_noise(x0.contiguous(), t, sch, backend="torch", **contiguous)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
