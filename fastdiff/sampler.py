@@ -9,6 +9,7 @@ data units. A sample's result depends only on its seed, never on the batch aroun
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
 
@@ -178,7 +179,9 @@ class Sampler:
                 raise ValueError(f"guidance_scale must be a number or have {B} entries, got {w_t.numel()}")
             cfg_w = w_t.expand(B)[None].expand(table.rows, B)
         runner = self._runner(table, start, B, tuple(x_T.shape[1:]), cfg, kwargs)
-        return runner.run(x0, seeds, cfg_w, kwargs, progress)
+        # streams, graph capture and Triton launches all use the *current* GPU: make it ours
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            return runner.run(x0, seeds, cfg_w, kwargs, progress)
 
     def _initial_noise(self, noise, shape, seeds):
         if noise is not None:

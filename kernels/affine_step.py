@@ -21,6 +21,7 @@ import triton.language as tl
 
 from fastdiff.solvers.table import MAX_HISTORY, NCOL, STREAM_STEP
 
+from .launch import on_device
 from .philox import normal_block
 
 ROW_WIDTH = 3 + 2 * NCOL  # [d_point, d_out, c_in_next, state[NCOL], point[NCOL]]
@@ -200,15 +201,16 @@ def affine_step(
     BLOCK = min(1024, max(16, triton.next_power_of_2(N)))
     h = list(history) + [x] * (MAX_HISTORY - len(history))  # unused slots: never read
     grid = (triton.cdiv(N, BLOCK), B)
-    _affine_step_kernel[grid](
-        coef, row, x, point if point is not None else x, out, h[0], h[1], h[2],
-        push_dest if push_dest is not None else x, model_in if model_in is not None else x,
-        cfg_w if cfg_w is not None else x, seeds, thresh if thresh is not None else x,
-        out_scale if out_scale is not None else x, float(clip) if clip is not None else 0.0, B, N,
-        HAS_POINT=point is not None, PRED_FROM_POINT=bool(prediction_from_point), CFG=cfg,
-        K=len(history), PUSH=push_dest is not None, NOISE=bool(noise), CLIP=clip is not None,
-        THRESH=thresh is not None, OUT_SCALE=out_scale is not None,
-        WRITE_MODEL_IN=model_in is not None,
-        MODEL_IN_CFG=model_in is not None and model_in.shape[0] == 2 * B,
-        STREAM=STREAM_STEP, BLOCK=BLOCK, num_warps=4,
-    )
+    with on_device(x):
+        _affine_step_kernel[grid](
+            coef, row, x, point if point is not None else x, out, h[0], h[1], h[2],
+            push_dest if push_dest is not None else x, model_in if model_in is not None else x,
+            cfg_w if cfg_w is not None else x, seeds, thresh if thresh is not None else x,
+            out_scale if out_scale is not None else x, float(clip) if clip is not None else 0.0, B, N,
+            HAS_POINT=point is not None, PRED_FROM_POINT=bool(prediction_from_point), CFG=cfg,
+            K=len(history), PUSH=push_dest is not None, NOISE=bool(noise), CLIP=clip is not None,
+            THRESH=thresh is not None, OUT_SCALE=out_scale is not None,
+            WRITE_MODEL_IN=model_in is not None,
+            MODEL_IN_CFG=model_in is not None and model_in.shape[0] == 2 * B,
+            STREAM=STREAM_STEP, BLOCK=BLOCK, num_warps=4,
+        )

@@ -12,6 +12,7 @@ import triton.language as tl
 
 from fastdiff.solvers.table import STREAM_FORWARD
 
+from .launch import on_device
 from .philox import normal_block
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -75,8 +76,9 @@ def forward_noise(
         return out
     abar, seeds = abar.contiguous(), seeds.contiguous()  # the kernel reads abar[b], seeds[b]
     BLOCK = min(1024, max(16, triton.next_power_of_2(N)))
-    _forward_noise_kernel[(triton.cdiv(N, BLOCK), B)](
-        x0, abar, seeds, noise if noise is not None else x0, out, int(step), N,
-        HAS_NOISE=noise is not None, STREAM=STREAM_FORWARD, BLOCK=BLOCK, num_warps=4,
-    )
+    with on_device(x0):
+        _forward_noise_kernel[(triton.cdiv(N, BLOCK), B)](
+            x0, abar, seeds, noise if noise is not None else x0, out, int(step), N,
+            HAS_NOISE=noise is not None, STREAM=STREAM_FORWARD, BLOCK=BLOCK, num_warps=4,
+        )
     return out

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import on_device
+
 NAMES = (
     "alphas_cumprod",
     "sqrt_alphas_cumprod",
@@ -69,5 +71,6 @@ def schedule_tables(betas: torch.Tensor) -> dict[str, torch.Tensor]:
     betas = betas.contiguous()
     out = torch.empty(len(NAMES), T, dtype=torch.float64, device=betas.device)
     BLOCK = triton.next_power_of_2(T)
-    _schedule_tables_kernel[(1,)](betas, out, T, BLOCK=BLOCK, num_warps=4 if BLOCK <= 1024 else 8)
+    with on_device(betas):
+        _schedule_tables_kernel[(1,)](betas, out, T, BLOCK=BLOCK, num_warps=4 if BLOCK <= 1024 else 8)
     return dict(zip(NAMES, out.unbind(0)))

@@ -36,6 +36,8 @@ from fastdiff.solvers.base import PREDICTIONS, check_prediction
 from fastdiff.solvers.ddpm import VARIANCES
 from fastdiff.solvers.table import NCOL
 
+from .launch import on_device
+
 SOLVERS = ("ddpm", "ddim", "euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde")
 COLUMNS = ("c_in", "d_point", "d_out", "sigma")  # the per-row scalars besides `state`
 # domain errors the host builders raise, by precedence (the launcher reports the highest)
@@ -236,13 +238,14 @@ def solver_table(
     # eta in fp64 (a float kernel argument would be fp32); a fill, not a host-to-device copy
     params = torch.full((1,), float(eta), dtype=torch.float64, device=device)
     BLOCK = min(MAX_BLOCK, max(16, triton.next_power_of_2(N)))
-    _solver_table_kernel[(triton.cdiv(N, BLOCK),)](
-        abar, abar_to, t, params, state, cols, err, init, N, int(bool(lower_order_final) and N < 15),
-        SOLVER=_KIND[solver], PRED=PREDICTIONS.index(prediction), SDE=solver == "dpmpp_2m_sde",
-        FIXED_LARGE=variance == "fixed_large", SECOND_ORDER=solver_order == 2, LEADING=spacing == "leading",
-        BLOCK=BLOCK, num_warps=max(1, min(8, BLOCK // 128)),
-        enable_fp_fusion=False,  # no fma contraction: every product rounds as on the host
-    )
+    with on_device(abar):
+        _solver_table_kernel[(triton.cdiv(N, BLOCK),)](
+            abar, abar_to, t, params, state, cols, err, init, N, int(bool(lower_order_final) and N < 15),
+            SOLVER=_KIND[solver], PRED=PREDICTIONS.index(prediction), SDE=solver == "dpmpp_2m_sde",
+            FIXED_LARGE=variance == "fixed_large", SECOND_ORDER=solver_order == 2, LEADING=spacing == "leading",
+            BLOCK=BLOCK, num_warps=max(1, min(8, BLOCK // 128)),
+            enable_fp_fusion=False,  # no fma contraction: every product rounds as on the host
+        )
     out = dict(zip(COLUMNS, cols.unbind(0)), state=state, init_noise_sigma=init)
     if check:
         _raise_domain_error(err, solver, abar, eta)
