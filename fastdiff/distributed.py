@@ -76,6 +76,9 @@ def distributed(device: str | None = None):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     sample_device = torch.device("cuda", local_rank) if device == "cuda" else torch.device(device)
     use_cuda = sample_device.type == "cuda"
+    if use_cuda and world > 1 and device != "cuda":
+        raise ValueError(f"--device {device} would put all {world} ranks on one GPU; use --device cuda "
+                         "(rank r samples on cuda:LOCAL_RANK)")
     if use_cuda and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
     if use_cuda:

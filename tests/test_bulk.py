@@ -42,8 +42,10 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 def cli_args(model: Path, outdir: Path, seeds: str = "0-11", *extra: str) -> list[str]:
+    # --device cpu: these are the gloo, process-level tests, GPU or not (a 1-GPU machine
+    # would otherwise give rank 1 cuda:1)
     return ["sample", "--model", str(model), "--seeds", seeds, "--outdir", str(outdir), "--steps", "3",
-            "--format", "npy", "--no-progress", *extra]
+            "--format", "npy", "--no-progress", "--device", "cpu", *extra]
 
 
 def script(tmp_path: Path, body: str) -> Path:
@@ -233,3 +235,10 @@ def test_bad_options_are_clear_errors(tiny_model, tmp_path, capsys):
     assert "bulk mode (--outdir) needs --seeds" in capsys.readouterr().err
     with pytest.raises(ValueError, match="no seeds"):
         bulk.generate(None, [], tmp_path, sample_shape=(1, 8, 8))
+
+
+def test_an_explicit_gpu_index_with_several_ranks_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="--device cuda:0 would put all 2 ranks on one GPU; use --device cuda"):
+        with bulk.distributed("cuda:0"):
+            pass
