@@ -18,8 +18,8 @@ UNet2DModel (b1 fp32, b64 fp16; 50 steps, ddpm against DDPMScheduler) and the SD
 UNet2DConditionModel (b1, b8; CFG 7.5, fp16, 25 steps, dpmpp_2m against
 DPMSolverMultistepScheduler), random weights (timing does not depend on weights).
 Graph-mode cases are CUDA only. On CUDA compilation runs for SD1.5 b1 only (its it/s target;
-each compile costs a minute or more); on the CPU for the digits model. Compiled cases run last
-for their model: compile_model makes it channels_last.
+each compile costs a minute or more); on the CPU for the digits model. compile_model compiles
+a channels_last copy of a conv net, so eager cases beside compiled ones are unaffected.
 One-time costs (first call; graph warm-up and capture; compile) go into extra_info.
 """
 import gc
@@ -118,8 +118,8 @@ def test_digits_side_by_side(benchmark, device, quick):
     device's default Sampler), the diffusers-style loop and steps x the model alone, in turn,
     so background load on a shared machine hits all alike; and both loops once more with the
     model replaced by a no-op, which times each sampler's own work directly. On the CPU (not
-    --bench-quick) also Sampler(compile=True) and steps x its compiled model alone, over a copy
-    of the model. pytest-benchmark times the whole round; the per-impl samples are in extra_info."""
+    --bench-quick) also Sampler(compile=True) and steps x its compiled model alone.
+    pytest-benchmark times the whole round; the per-impl samples are in extra_info."""
     pytest.importorskip("diffusers")
     lm = bench.digits_model(device, batch=2 if quick else 8, steps=3 if quick else 20)
     noop = bench.without_model(lm)
@@ -127,9 +127,8 @@ def test_digits_side_by_side(benchmark, device, quick):
     fns = {"fastdiff": bench.fastdiff_loop(lm, device)[1], "diffusers-eager": bench.diffusers_loop(lm, device),
            "model-eager": lambda: [alone() for _ in range(lm.steps)]}
     if not (CUDA or quick):
-        compiled = bench.with_model_copy(lm)
-        alone_compiled, _ = bench.model_alone(compiled, device, compile=True)
-        fns["fastdiff-compile"] = bench.fastdiff_loop(compiled, device, compile=True)[1]
+        alone_compiled, _ = bench.model_alone(lm, device, compile=True)
+        fns["fastdiff-compile"] = bench.fastdiff_loop(lm, device, compile=True)[1]
         fns["model-compile"] = lambda: [alone_compiled() for _ in range(lm.steps)]
     fns.update({"fastdiff-noop": bench.fastdiff_loop(noop, device)[1],
                 "diffusers-noop": bench.diffusers_loop(noop, device)})

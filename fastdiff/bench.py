@@ -25,7 +25,7 @@ import torch
 from .bench_cases import (  # noqa: F401
     BANDWIDTH_SHAPE, SCHEDULERS, STEP_SHAPES, LoopModel, _step_table, cifar10_model, diffusers_loop,
     diffusers_step, digits_model, fastdiff_loop, fastdiff_step, graph_timings, model_alone, sd15_model,
-    step_bytes, with_model_copy, without_model,
+    step_bytes, without_model,
 )
 
 
@@ -282,8 +282,8 @@ def main(args: argparse.Namespace) -> int:
     for lm in loops:
         rows.append(_loop_row(lm, device, rounds, diffusers))
         del lm
-    if args.compile:  # over a copy: compile_model makes a conv net channels_last in place
-        rows.append(_loop_row(with_model_copy(loops[0]), device, rounds, diffusers, compile=True))
+    if args.compile:
+        rows.append(_loop_row(loops[0], device, rounds, diffusers, compile=True))
     seconds = time.perf_counter() - start
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print_table(rows, f"fastdiff bench on {name} ({device}); copy bandwidth {copy_bps / 1e9:.1f} GB/s; "

@@ -15,7 +15,6 @@ fused kernel draws it in registers.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from collections.abc import Callable
@@ -334,12 +333,6 @@ def diffusers_loop(lm: LoopModel, device) -> Callable[[], torch.Tensor]:
         return latents
 
     return run
-
-
-def with_model_copy(lm: LoopModel) -> LoopModel:
-    """The same case over a deep copy of the model: compile_model makes a conv net channels_last
-    in place, which must not change the eager cases timed beside it."""
-    return dataclasses.replace(lm, model=copy.deepcopy(lm.model))
 
 
 def model_alone(lm: LoopModel, device, graph: bool = False,

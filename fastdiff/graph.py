@@ -9,6 +9,7 @@ allocator; torch.compile's compilation), then captures; later calls replay.
 """
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
@@ -18,16 +19,17 @@ from .solvers.table import StepTable
 
 
 def compile_model(model):
-    """torch.compile the model (default mode, channels_last for 4-D conv nets), before capture.
+    """torch.compile the model (default mode) before capture; a conv net from a channels_last copy.
 
     Mode: "default". DESIGN.md's H200 measurement (SD1.5-shaped U-Net, CFG, fp16) put
     torch.compile default + channels_last inside our graph at 6.3 ms/step against 11.9 eager;
-    "reduce-overhead" brings its own CUDA graphs, which cannot nest inside ours.
+    "reduce-overhead" brings its own CUDA graphs, which cannot nest inside ours. The model
+    passed in is never modified: converting it in place would swap its weight tensors under
+    any graph already captured over it (a replay would read freed memory). The copy costs
+    one more set of the weights in memory while the compiled model lives.
     """
-    if isinstance(model, torch.nn.Module):
-        has_conv = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
-        if has_conv:
-            model = model.to(memory_format=torch.channels_last)
+    if isinstance(model, torch.nn.Module) and any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
+        model = copy.deepcopy(model).to(memory_format=torch.channels_last)
     return torch.compile(model, mode="default", fullgraph=False, dynamic=False)
 
 

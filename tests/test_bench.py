@@ -87,7 +87,7 @@ def test_bench_compile_adds_a_row_over_the_compiled_model(capsys, monkeypatch):
     assert cli.main(["bench", "--quick", "--rounds", "1", "--compile"]) == 0
     text = capsys.readouterr().out
     assert "dpmpp_2m compile" in text and "limit = compiled model alone x 3" in text
-    assert len(compiled) == 2 and compiled[0] is compiled[1]  # one model copy: the sampler's and the limit's
+    assert len(compiled) == 2 and compiled[0] is compiled[1]  # the sampler's and the limit's: the same model
 
 
 def test_bench_rejects_bad_rounds(capsys):

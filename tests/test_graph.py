@@ -54,9 +54,10 @@ class TinyConvDenoiser(torch.nn.Module):
 
 @pytest.mark.parametrize("device, graph", [("cpu", False), pytest.param("cuda", True, marks=pytest.mark.cuda)])
 def test_compile_true_samples_like_eager(device, graph):
-    """compile=True runs the loop over torch.compile(model) (channels_last for conv nets): the
+    """compile=True runs the loop over torch.compile(a channels_last copy of a conv net): the
     samples equal eager ones up to the compiler's reordering of float sums."""
     model = TinyConvDenoiser().to(device).eval().requires_grad_(False)
+    weight = model.a.weight
     args = dict(solver="dpmpp_2m", steps=6, device=device)
     want = Sampler(model, SCHEDULE, graph=False, **args).sample(shape=(3, 3, 8, 8), seeds=[0, 1, 2])
     compiled = Sampler(model, SCHEDULE, graph=graph, compile=True, **args)
@@ -64,6 +65,9 @@ def test_compile_true_samples_like_eager(device, graph):
     assert compiled._compiled_model is not None and compiled._compiled_model is not model
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(compiled.sample(shape=(3, 3, 8, 8), seeds=[0, 1, 2]), got, rtol=0, atol=0)
+    # the model passed in is untouched (a channels_last copy was compiled): graphs captured
+    # over it elsewhere still read live weights
+    assert model.a.weight is weight and weight.is_contiguous()
 
 # ---------------------------------------------------------------- CUDA only ----------
 @pytest.mark.cuda
