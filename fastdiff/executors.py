@@ -11,7 +11,7 @@ import torch
 
 from . import rng
 from .guidance import Thresholding, apply_threshold, cfg_combine, dynamic_threshold, per_sample, rescale_factor
-from .solvers.table import NCOL, STREAM_STEP, Z, StepTable, history_slots
+from .solvers.table import MODEL_DTYPES, NCOL, STREAM_STEP, Z, StepTable, history_slots
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -102,6 +102,8 @@ class TritonExecutor(TorchExecutor):
             D_raw = self.d_point[r] * p + self.d_out[r] * self.guided(r, out)
             thresh = dynamic_threshold(D_raw, self.threshold.dynamic_ratio, self.threshold.max_value).contiguous()
         slots, dest = self.layout[r]
+        if out.dtype not in MODEL_DTYPES:  # e.g. a float64 output of a float32 model
+            out = out.float()
         self.kernel(
             r, self.coef, b.x, out.contiguous(),
             point=b.point, history=[b.history[s] for s in slots],
@@ -113,11 +115,15 @@ class TritonExecutor(TorchExecutor):
         )
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """'auto': the fused kernel on CUDA for the dtypes it handles, else the torch executor."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    if backend == "triton" and dtype not in MODEL_DTYPES:
+        raise ValueError(f"backend='triton' runs models in {', '.join(str(d)[6:] for d in MODEL_DTYPES)}; "
+                         f"got dtype {str(dtype)[6:]}: use backend='torch' (or 'auto')")
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        return "triton" if device.type == "cuda" and dtype in MODEL_DTYPES else "torch"
     if backend == "triton" and device.type != "cuda":
         import os
 

@@ -103,7 +103,7 @@ class Sampler:
         mdtype, mdevice = _model_dtype_device(model)
         self.device = torch.device(device) if device is not None else (mdevice or torch.device("cpu"))
         self.dtype = dtype or mdtype or torch.float32
-        self.backend = resolve_backend(backend, self.device)
+        self.backend = resolve_backend(backend, self.device, self.dtype)
         self.graph_mode, self.compile, self.max_graphs = graph, compile, max_graphs
         if graph is True and self.device.type != "cuda":
             raise ValueError("graph=True needs a CUDA device; use graph='auto' (eager on the CPU) or graph=False")

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdiff.solvers.table import MAX_HISTORY, NCOL, STREAM_STEP
+from fastdiff.solvers.table import MAX_HISTORY, MODEL_DTYPES, NCOL, STREAM_STEP
 
 from .launch import on_device
 from .philox import normal_block
@@ -29,7 +29,6 @@ ROW_WIDTH = 3 + 2 * NCOL  # [d_point, d_out, c_in_next, state[NCOL], point[NCOL]
 _W = tl.constexpr(ROW_WIDTH)
 _S = tl.constexpr(3)  # state[j] at _S + j
 _P = tl.constexpr(3 + NCOL)  # point[j] at _P + j
-_MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit(do_not_specialize=["row"])
@@ -174,7 +173,7 @@ def affine_step(
         _check(t.device == device, f"{name} is on {t.device}, x on {device}")
         _check(t.is_contiguous(), f"{name} must be contiguous")
 
-    same_shape("out", out, rows=(B, 2 * B), dtypes=_MODEL_DTYPES)
+    same_shape("out", out, rows=(B, 2 * B), dtypes=MODEL_DTYPES)
     cfg = out.shape[0] == 2 * B and B > 0
     _check(not cfg or cfg_w is not None, "out has 2B rows ([uncond; cond]) but cfg_w is None")
     _check(cfg or cfg_w is None, "cfg_w given but out has B rows (no [uncond; cond] halves)")
@@ -187,7 +186,7 @@ def affine_step(
     if push_dest is not None:
         same_shape("push_dest", push_dest)
     if model_in is not None:
-        same_shape("model_in", model_in, rows=(B, 2 * B), dtypes=_MODEL_DTYPES)
+        same_shape("model_in", model_in, rows=(B, 2 * B), dtypes=MODEL_DTYPES)
     _check(isinstance(seeds, torch.Tensor) and seeds.shape == (B,) and seeds.dtype == torch.int64,
            "seeds must be an int64 tensor [B]")
     _check(seeds.device == device and seeds.is_contiguous(), f"seeds must be contiguous on x's device ({device})")

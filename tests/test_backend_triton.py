@@ -70,3 +70,27 @@ def test_triton_equals_torch_with_extras(kw, kernel_device):
 def test_auto_backend_is_torch_on_cpu_and_triton_on_cuda():
     sampler = Sampler(GaussianDenoiser(SCHEDULE), SCHEDULE, steps=2)
     assert sampler.backend == ("triton" if sampler.device.type == "cuda" else "torch")
+
+
+def test_float64_models_take_the_torch_backend(kernel_device):
+    """The fused step reads fp32/fp16/bf16 model tensors: 'auto' picks the torch executor for a
+    float64 model, an explicit 'triton' is refused naming the dtypes, and a float64 *output* of
+    a float32 model is read as float32."""
+    model64 = GaussianDenoiser(SCHEDULE).double()
+    assert Sampler(model64, SCHEDULE, steps=2, device=kernel_device, dtype=torch.float64).backend == "torch"
+    with pytest.raises(ValueError, match="backend='triton' runs models in float32, float16, bfloat16; got dtype "
+                                         "float64: use backend='torch'"):
+        Sampler(model64, SCHEDULE, steps=2, backend="triton", device=kernel_device, dtype=torch.float64)
+
+    class Float64Out(torch.nn.Module):  # float32 in, float64 out
+        def __init__(self):
+            super().__init__()
+            self.inner = GaussianDenoiser(SCHEDULE)
+
+        def forward(self, x, t):
+            return self.inner(x.double(), t)
+
+    args = dict(solver="dpmpp_2m", steps=4, device=kernel_device, dtype=torch.float32)
+    a, b = (Sampler(Float64Out().to(kernel_device), SCHEDULE, backend=backend, **args).sample(
+        shape=(2, 3, 5), seeds=[1, 2]) for backend in ("triton", "torch"))
+    assert rel_err(a, b) < 1e-5

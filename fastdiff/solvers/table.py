@@ -30,6 +30,7 @@ COLUMNS = ("x", "D", "D_raw", "H0", "H1", "H2", "z")
 NCOL = len(COLUMNS)
 X, D, D_RAW, H0, H1, H2, Z = range(NCOL)
 MAX_HISTORY = 3
+MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # model tensors the fused step kernel takes
 
 # Noise streams: each is an independent sequence for the same (seed, step).
 STREAM_INIT = 0  # the initial x_T
