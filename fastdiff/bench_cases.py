@@ -96,7 +96,7 @@ def fastdiff_step(solver: str, shape, cfg: bool, device, model_dtype, backend: s
     with torch.cuda.graph(g):
         for _ in range(GRAPH_STEPS):
             executor.step(row, out)
-    return StepCase(g.replay, nbytes, GRAPH_STEPS, keep=[bufs, out, g])
+    return StepCase(g.replay, nbytes, GRAPH_STEPS, keep=[bufs, out, executor, g])  # executor.coef: read by g
 
 
 def diffusers_scheduler(solver: str, **config):
