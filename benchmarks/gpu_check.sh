@@ -3,7 +3,7 @@
 # Python, run the test suite on CUDA, run the benchmark suite, write and print the results.
 #
 #   bash benchmarks/gpu_check.sh                      # from anywhere; runs in the repo root
-#   TOTAL_S=470 TESTS_S=150 bash benchmarks/gpu_check.sh  # time caps in seconds: the whole
+#   TOTAL_S=500 TESTS_S=180 bash benchmarks/gpu_check.sh  # time caps in seconds: the whole
 #                                                     # script, the tests; benchmarks get the rest
 #   ALLOW_CPU=1 SKIP_INSTALL=1 TESTS=tests/test_bench.py BENCH_ARGS=--bench-quick bash benchmarks/gpu_check.sh
 #                                                     # a dry run of this script on a CPU machine
@@ -16,9 +16,13 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-TESTS_S=${TESTS_S:-150}
-TOTAL_S=${TOTAL_S:-470}
-TESTS=${TESTS:-tests}
+TESTS_S=${TESTS_S:-180}
+TOTAL_S=${TOTAL_S:-500}
+# the files whose code only a GPU really runs come first (pytest drops the repeats), so a
+# time cap still leaves their verdicts
+TESTS=${TESTS:-tests/test_graph.py tests/test_backend_triton.py tests/test_kernel_affine_step.py \
+tests/test_kernel_forward_noise.py tests/test_kernel_schedule.py tests/test_kernel_solver_tables.py tests/test_rng.py \
+tests/test_sampler_api.py tests}
 BENCH_ARGS=${BENCH_ARGS:-}
 LOGS=${OUT:-/tmp/fastdiff-gpu-check}
 mkdir -p "$LOGS"
@@ -33,11 +37,11 @@ if compgen -G ".whl/*.whl" >/dev/null; then
         || echo "gpu_check: the carried wheels in .whl/ did not install"
 fi
 if [ -z "${SKIP_INSTALL:-}" ] && ! "$PY" -m pip install -q --no-deps --no-build-isolation -e . >"$LOGS/install.log" 2>&1; then
-    # no editable install: a copy laid out as installed (fastdiff.kernels is the kernels/ folder)
-    echo "gpu_check: pip install -e . failed (see install.log); using a copy on PYTHONPATH"
-    rm -rf /tmp/fastdiff-src && mkdir -p /tmp/fastdiff-src
-    cp -r fastdiff /tmp/fastdiff-src/ && cp -r kernels /tmp/fastdiff-src/fastdiff/kernels
-    export PYTHONPATH=/tmp/fastdiff-src${PYTHONPATH:+:$PYTHONPATH}
+    # no editable install: lay this copy out as installed (fastdiff.kernels is the kernels/
+    # folder); the repo root is first on sys.path for `python -` and `python -m pytest`
+    echo "gpu_check: pip install -e . failed (see install.log); linking fastdiff/kernels -> ../kernels"
+    [ -e fastdiff/kernels ] || ln -s ../kernels fastdiff/kernels
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
 ALLOW_CPU=${ALLOW_CPU:-} "$PY" - <<'EOF' || { echo "gpu_check: fastdiff or torch is not usable here"; exit 1; }
@@ -54,9 +58,11 @@ EOF
 phase "tests (cap ${TESTS_S} s)"
 per_test=""
 "$PY" -c "import pytest_timeout" 2>/dev/null && per_test="--timeout=120"
-timeout -s INT -k 15 "$TESTS_S" "$PY" -m pytest $TESTS -q -x $per_test -p no:cacheprovider >"$LOGS/tests.log" 2>&1
+timeout -s INT -k 15 "$TESTS_S" "$PY" -m pytest $TESTS -q --maxfail=10 $per_test -p no:cacheprovider \
+    >"$LOGS/tests.log" 2>&1
 tests_rc=$?
-tail -n 15 "$LOGS/tests.log"
+grep -E "^(FAILED|ERROR)" "$LOGS/tests.log" | head -n 12
+tail -n 3 "$LOGS/tests.log"
 case $tests_rc in
     0) tests_line="tests: passed ($TESTS: $(tail -n 1 "$LOGS/tests.log"))" ;;
     124|130|137) tests_line="tests: STOPPED at the ${TESTS_S} s cap ($(tail -n 1 "$LOGS/tests.log"))" ;;
