@@ -80,7 +80,11 @@ def pytest_configure(config):
     if getattr(config.option, "benchmark_json", "absent") is None and not config.option.collectonly:
         raw = Path(config.rootpath) / ".benchmarks" / (results_path(config).stem + ".pytest-benchmark.json")
         raw.parent.mkdir(parents=True, exist_ok=True)
-        config.option.benchmark_json = raw
+        import pytest_benchmark
+
+        # 5.x takes a path; 4.x an open binary file (argparse.FileType("wb"))
+        old = int(pytest_benchmark.__version__.split(".")[0]) < 5
+        config.option.benchmark_json = raw.open("wb") if old else raw
 
 
 def pytest_report_header(config):
