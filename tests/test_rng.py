@@ -177,7 +177,7 @@ def test_dtype_device_and_validation():
         rng.randn([2**63], 0, 0, 4)
     with pytest.raises(ValueError):
         rng.randn([1], -1, 0, 4)
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match="seeds must be integers"):
         rng.randn(torch.tensor([1.0]), 0, 0, 4)
 
 
