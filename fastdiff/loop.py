@@ -3,10 +3,9 @@
 Everything the loop touches is allocated once (`LoopBuffers`); inputs are copied in
 before a run (`load`), per-row constants are Python floats baked into the code path, and
 per-sample values live in device tensors.  Nothing reads a tensor value on the host:
-the non-finite check adds each model output's float64 sum into its row's slot of a device
-buffer, read once at the end.  A float64 sum of float32 (or narrower) values cannot
-overflow, so a slot is non-finite exactly when an output in its row had an inf or a NaN:
-one reduction per model call, where isfinite().all() and a where() took several kernels.
+the non-finite check adds a probe of each model output into its row's slot of a device
+buffer, read once at the end (`nonfinite_probe`): one reduction per model call, where
+isfinite().all() and a where() took several kernels.
 """
 from __future__ import annotations
 
@@ -34,7 +33,7 @@ class LoopBuffers:
         self.seeds = torch.zeros(batch, dtype=torch.int64, device=device)
         self.cfg_w = torch.ones((table.rows, batch), **f32) if cfg else None
         self.t = table.t_model.to(**f32)[:, None].expand(table.rows, G * batch).contiguous()  # [R, G*B]
-        self.out_sums = torch.zeros(table.rows, dtype=torch.float64, device=device)  # see the module docstring
+        self.out_sums = torch.zeros(table.rows, dtype=torch.float64, device=device)  # nonfinite_probe per row
         self.cond: dict[str, torch.Tensor] = {}
 
     def write_model_input(self, value: torch.Tensor) -> None:
@@ -57,6 +56,18 @@ class LoopBuffers:
             self.cond[k].copy_(v)
         self.out_sums.zero_()
         self.write_model_input(c_in0 * self.x if self.point is None else c_in0 * self.point)
+
+
+def nonfinite_probe(out: torch.Tensor) -> torch.Tensor:
+    """A float64 scalar that is non-finite exactly when `out` holds an inf or a NaN.
+
+    float32 and narrower: the float64 sum (float32's largest value times any tensor size
+    stays far below float64's, so a finite output never overflows). float64: the sum of
+    out * 0, which is 0 for finite values and NaN for inf or NaN. Graph-safe: no host read.
+    """
+    if out.dtype == torch.float64:
+        return (out * 0).sum()
+    return out.sum(dtype=torch.float64)
 
 
 def model_output(model, x_in, t, kwargs):
@@ -88,7 +99,7 @@ class Loop:
         out = model_output(self.model, b.model_in, b.t[r], b.cond)
         if self.classifier is not None:
             out = self._classifier_guided(r, out)
-        b.out_sums[r].add_(out.sum(dtype=torch.float64))
+        b.out_sums[r].add_(nonfinite_probe(out))
         return out
 
     def _classifier_guided(self, r: int, out: torch.Tensor) -> torch.Tensor:
@@ -122,7 +133,7 @@ class Loop:
         M = self.corrector[r]
         for j in range(M):
             out = model_output(self.model, b.model_in, b.t[n], b.cond)
-            b.out_sums[n].add_(out.sum(dtype=torch.float64))  # n < rows: no corrector after the last row
+            b.out_sums[n].add_(nonfinite_probe(out))  # n < rows: no corrector after the last row
             D, _ = ex.denoised(n, target, out)
             x_vp = to_vp * target
             score = (alpha * D - x_vp) / (sigma * sigma)

@@ -131,11 +131,16 @@ def test_one_nonfinite_element_is_reported_at_its_step(value):
         sampler.sample(shape=(3, 4), seeds=[0, 1, 2])
 
 
-def test_huge_finite_output_is_not_reported():
-    """float32's largest values everywhere at the last call: finite, so no error (the check sums
-    in float64, where float32 values cannot overflow)."""
-    sampler = Sampler(OneValueAt(9, 3.0e38, everywhere=True), SCHEDULE, solver="ddim", steps=10)
+@pytest.mark.parametrize("dtype, huge", [(torch.float32, 3.0e38), (torch.float64, 1.0e308)])
+def test_huge_finite_output_is_not_reported(dtype, huge):
+    """The dtype's largest values everywhere at the last call: finite, so no error (a plain sum
+    would overflow to inf), while one inf in a float64 output still is."""
+    sampler = Sampler(OneValueAt(9, huge, everywhere=True), SCHEDULE, solver="ddim", steps=10, dtype=dtype)
     sampler.sample(shape=(3, 64), seeds=[0, 1, 2])
+    if dtype == torch.float64:
+        sampler = Sampler(OneValueAt(2, float("inf")), SCHEDULE, solver="ddim", steps=10, dtype=dtype)
+        with pytest.raises(FloatingPointError, match="non-finite model output at step 2 "):
+            sampler.sample(shape=(3, 64), seeds=[0, 1, 2])
 
 
 def test_nonfinite_output_of_a_corrector_call_is_reported():
