@@ -6,7 +6,7 @@ import torch
 from . import rng
 from .seeds import as_seeds
 from .schedules import Schedule
-from .solvers.table import STREAM_FORWARD
+from .solvers.table import MODEL_DTYPES, STREAM_FORWARD
 
 
 def _abar_per_sample(t, schedule: Schedule, batch: int) -> torch.Tensor:
@@ -53,7 +53,9 @@ def noise_to_level(x0: torch.Tensor, abar, *, noise: torch.Tensor | None = None,
         raise ValueError(f"unknown backend {backend!r}; allowed: auto, torch, triton")
     if seeds is not None:
         seeds = as_seeds(seeds, B, x0.device)
-    if backend == "triton" or (backend == "auto" and x0.is_cuda):
+    if backend == "triton" and x0.dtype not in MODEL_DTYPES:
+        raise ValueError(f"backend='triton' noises float32, float16 or bfloat16; got {x0.dtype}: use backend='torch'")
+    if backend == "triton" or (backend == "auto" and x0.is_cuda and x0.dtype in MODEL_DTYPES):
         from fastdiff.kernels import forward_noise
 
         if seeds is None:

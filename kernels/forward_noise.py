@@ -10,12 +10,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdiff.solvers.table import STREAM_FORWARD
+from fastdiff.solvers.table import MODEL_DTYPES, STREAM_FORWARD
 
 from .launch import on_device
 from .philox import normal_block
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
@@ -55,7 +53,7 @@ def forward_noise(
         if not cond:
             raise ValueError(f"forward_noise: {msg}")
 
-    check(isinstance(x0, torch.Tensor) and x0.dtype in _DTYPES, f"x0 dtype must be one of {_DTYPES}")
+    check(isinstance(x0, torch.Tensor) and x0.dtype in MODEL_DTYPES, f"x0 dtype must be one of {MODEL_DTYPES}")
     check(x0.dim() >= 1 and x0.is_contiguous(), "x0 must be contiguous [B, *S]")
     B, device = x0.shape[0], x0.device
     check(isinstance(abar, torch.Tensor) and abar.shape == (B,), f"abar must be a [{B}] tensor")
@@ -66,7 +64,7 @@ def forward_noise(
     for name, t in (("noise", noise), ("out", out)):
         if t is not None:
             check(t.shape == x0.shape, f"{name} shape {tuple(t.shape)} != x0 shape {tuple(x0.shape)}")
-            check(t.dtype in _DTYPES and t.is_contiguous(), f"{name} must be a contiguous float tensor")
+            check(t.dtype in MODEL_DTYPES and t.is_contiguous(), f"{name} must be a contiguous float tensor")
             check(t.device == device, f"{name} is on {t.device}, x0 on {device}")
     check(abar.device == device and seeds.device == device, "abar and seeds must be on x0's device")
     if out is None:

@@ -100,3 +100,14 @@ def test_add_noise_takes_strided_inputs_on_the_fused_path(kernel_device):
         contiguous = {k: v.contiguous() for k, v in kw.items()}
         want = add_noise(x0.contiguous(), t, sch, backend="torch", **contiguous)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_float64_noising_takes_the_torch_path(kernel_device):
+    from fastdiff import Schedule, add_noise
+
+    x0 = torch.randn(2, 3, 4, dtype=torch.float64, device=kernel_device)
+    t = torch.tensor([10, 900], device=kernel_device)
+    out = add_noise(x0, t, Schedule.linear(), seeds=[1, 2])  # 'auto': the kernel takes no float64
+    assert out.dtype == torch.float64
+    with pytest.raises(ValueError, match="backend='triton' noises float32, float16 or bfloat16; got torch.float64"):
+        add_noise(x0, t, Schedule.linear(), seeds=[1, 2], backend="triton")
