@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 
 import torch
 
@@ -19,17 +20,27 @@ from .solvers.table import StepTable
 
 
 def compile_model(model):
-    """torch.compile the model (default mode) before capture; a conv net from a channels_last copy.
+    """torch.compile the model (default mode) before capture; a conv net in channels_last.
 
     Mode: "default". DESIGN.md's H200 measurement (SD1.5-shaped U-Net, CFG, fp16) put
     torch.compile default + channels_last inside our graph at 6.3 ms/step against 11.9 eager;
-    "reduce-overhead" brings its own CUDA graphs, which cannot nest inside ours. The model
-    passed in is never modified: converting it in place would swap its weight tensors under
-    any graph already captured over it (a replay would read freed memory). The copy costs
-    one more set of the weights in memory while the compiled model lives.
+    "reduce-overhead" brings its own CUDA graphs, which cannot nest inside ours.
+
+    The model passed in is never modified: converting it in place would swap its weight
+    tensors under any graph already captured over it (a replay would read freed memory). A
+    conv net whose conv weights are not channels_last yet is compiled from a channels_last
+    *copy*: one more set of weights in memory, and a snapshot, so later changes to the
+    original (load_state_dict, LoRA fusing) do not reach it. Convert the model yourself
+    (`model.to(memory_format=torch.channels_last)`) to compile it without a copy.
     """
-    if isinstance(model, torch.nn.Module) and any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
-        model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    if isinstance(model, torch.nn.Module):
+        convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        if convs and not all(w.is_contiguous(memory_format=torch.channels_last) for w in convs):
+            try:
+                model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+            except Exception as e:  # e.g. offload hooks that cannot be copied
+                warnings.warn(f"compile=True: the model could not be copied ({type(e).__name__}: {e}); "
+                              "compiling it as it is, without channels_last", stacklevel=3)
     return torch.compile(model, mode="default", fullgraph=False, dynamic=False)
 
 

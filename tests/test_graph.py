@@ -57,17 +57,17 @@ def test_compile_true_samples_like_eager(device, graph):
     """compile=True runs the loop over torch.compile(a channels_last copy of a conv net): the
     samples equal eager ones up to the compiler's reordering of float sums."""
     model = TinyConvDenoiser().to(device).eval().requires_grad_(False)
-    weight = model.a.weight
+    weight, weight_ptr = model.a.weight, model.a.weight.data_ptr()
     args = dict(solver="dpmpp_2m", steps=6, device=device)
     want = Sampler(model, SCHEDULE, graph=False, **args).sample(shape=(3, 3, 8, 8), seeds=[0, 1, 2])
     compiled = Sampler(model, SCHEDULE, graph=graph, compile=True, **args)
     got = compiled.sample(shape=(3, 3, 8, 8), seeds=[0, 1, 2])
-    assert compiled._compiled_model is not None and compiled._compiled_model is not model
+    assert compiled._compiled_model is not None
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(compiled.sample(shape=(3, 3, 8, 8), seeds=[0, 1, 2]), got, rtol=0, atol=0)
     # the model passed in is untouched (a channels_last copy was compiled): graphs captured
-    # over it elsewhere still read live weights
-    assert model.a.weight is weight and weight.is_contiguous()
+    # over it elsewhere still read live weights, at the same addresses
+    assert weight.is_contiguous() and model.a.weight.data_ptr() == weight_ptr
 
 # ---------------------------------------------------------------- CUDA only ----------
 @pytest.mark.cuda
@@ -130,3 +130,28 @@ def test_nonfinite_check_inside_the_graph_reports_the_step():
     for _ in range(2):  # capture, then replay
         with pytest.raises(FloatingPointError, match="non-finite model output at step"):
             sampler.sample(shape=(2, 8), seeds=[0, 1])
+
+
+def test_compile_model_copies_only_what_it_must(monkeypatch):
+    """A conv net already in channels_last is compiled as it is (no second set of weights); one
+    that cannot be copied is compiled as it is, with a warning naming why."""
+    from fastdiff import graph
+
+    compiled_from = []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled_from.append(m) or m)
+    fresh = TinyConvDenoiser()
+    graph.compile_model(fresh)
+    assert compiled_from[-1] is not fresh and compiled_from[-1].a.weight.is_contiguous(
+        memory_format=torch.channels_last)
+    ready = TinyConvDenoiser().to(memory_format=torch.channels_last)
+    graph.compile_model(ready)
+    assert compiled_from[-1] is ready
+
+    class Uncopyable(TinyConvDenoiser):
+        def __deepcopy__(self, memo):
+            raise RuntimeError("hooked")
+
+    odd = Uncopyable()
+    with pytest.warns(UserWarning, match="could not be copied \\(RuntimeError: hooked\\)"):
+        graph.compile_model(odd)
+    assert compiled_from[-1] is odd
