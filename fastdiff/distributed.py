@@ -74,13 +74,16 @@ def distributed(device: str | None = None):
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    sample_device = torch.device("cuda", local_rank) if device == "cuda" else torch.device(device)
-    use_cuda = sample_device.type == "cuda"
-    if use_cuda and world > 1 and device != "cuda":
-        raise ValueError(f"--device {device} would put all {world} ranks on one GPU; use --device cuda "
-                         "(rank r samples on cuda:LOCAL_RANK)")
+    use_cuda = torch.device(device).type == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    visible = torch.cuda.device_count() if use_cuda else 0
+    if use_cuda and world > 1 and device != "cuda" and visible > 1:
+        raise ValueError(f"--device {device} would put all {world} ranks on one of the {visible} GPUs; use "
+                         "--device cuda (rank r samples on cuda:LOCAL_RANK)")
+    # cuda: this rank's GPU, LOCAL_RANK modulo the GPUs it sees (one each under per-rank
+    # CUDA_VISIBLE_DEVICES, as SLURM's --gpus-per-task gives)
+    sample_device = torch.device("cuda", local_rank % visible) if device == "cuda" else torch.device(device)
     if use_cuda:
         torch.cuda.set_device(sample_device)
     created = False

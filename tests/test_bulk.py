@@ -237,8 +237,28 @@ def test_bad_options_are_clear_errors(tiny_model, tmp_path, capsys):
         bulk.generate(None, [], tmp_path, sample_shape=(1, 8, 8))
 
 
-def test_an_explicit_gpu_index_with_several_ranks_is_refused(monkeypatch):
+def fake_gpus(monkeypatch, n):
+    """torch.cuda reporting n GPUs; set_device records instead of selecting."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    return chosen
+
+
+def test_an_explicit_gpu_index_with_several_ranks_and_gpus_is_refused(monkeypatch):
+    fake_gpus(monkeypatch, 2)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ValueError, match="--device cuda:0 would put all 2 ranks on one GPU; use --device cuda"):
+    with pytest.raises(ValueError, match="--device cuda:0 would put all 2 ranks on one of the 2 GPUs; "
+                                         "use --device cuda"):
         with bulk.distributed("cuda:0"):
             pass
+
+
+@pytest.mark.parametrize("gpus, local_rank, want", [(4, 3, "cuda:3"), (1, 3, "cuda:0"), (2, 3, "cuda:1")])
+def test_each_rank_takes_local_rank_modulo_the_gpus_it_sees(monkeypatch, gpus, local_rank, want):
+    """One GPU per rank under per-rank CUDA_VISIBLE_DEVICES (SLURM --gpus-per-task=1): cuda:0."""
+    chosen = fake_gpus(monkeypatch, gpus)
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    with bulk.distributed("cuda") as (_, device):
+        assert device == torch.device(want) and chosen == [device]
