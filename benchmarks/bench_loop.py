@@ -118,7 +118,8 @@ def test_digits_side_by_side(benchmark, device, quick):
     device's default Sampler), the diffusers-style loop and steps x the model alone, in turn,
     so background load on a shared machine hits all alike; and both loops once more with the
     model replaced by a no-op, which times each sampler's own work directly. On the CPU (not
-    --bench-quick) also Sampler(compile=True) and steps x its compiled model alone.
+    --bench-quick) also Sampler(compile=True), the diffusers-style loop over the same compiled
+    model, and steps x the compiled model alone.
     pytest-benchmark times the whole round; the per-impl samples are in extra_info."""
     pytest.importorskip("diffusers")
     lm = bench.digits_model(device, batch=2 if quick else 8, steps=3 if quick else 20)
@@ -129,14 +130,15 @@ def test_digits_side_by_side(benchmark, device, quick):
     if not (CUDA or quick):
         alone_compiled, _ = bench.model_alone(lm, device, compile=True)
         fns["fastdiff-compile"] = bench.fastdiff_loop(lm, device, compile=True)[1]
+        fns["diffusers-compile"] = bench.diffusers_loop(bench.with_compiled_model_in_diffusers_loop(lm), device)
         fns["model-compile"] = lambda: [alone_compiled() for _ in range(lm.steps)]
     fns.update({"fastdiff-noop": bench.fastdiff_loop(noop, device)[1],
                 "diffusers-noop": bench.diffusers_loop(noop, device)})
     samples = {name: [] for name in fns}
 
-    def one_round():
-        for name, fn in fns.items():
-            samples[name].append(timed_call(fn, device))
+    def one_round():  # in an order rotated every round: each impl takes each position in turn
+        for name in bench.rotated(list(fns), len(samples["fastdiff"])):
+            samples[name].append(timed_call(fns[name], device))
 
     for fn in fns.values():  # warm-up (compilation; on CUDA the graph capture)
         fn()

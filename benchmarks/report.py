@@ -18,7 +18,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from fastdiff.bench import fmt_time, paired_ratio
+from fastdiff.bench import fmt_time, paired_ratio, verdict
 
 SCHEMA = "fastdiff-bench/1"
 FUSED = "fastdiff-triton-graph"
@@ -111,23 +111,26 @@ def _loop_ratios(entries: list[dict]) -> None:
                 a["compile_s"] = a[key] - b[key]
 
 
+SIDE_BY_SIDE_PAIRS = {  # ratio -> (numerator impl, denominator impl), per round
+    "ratio_to_model_eager": ("fastdiff", "model-eager"),
+    "speedup_over_diffusers": ("diffusers-eager", "fastdiff"),
+    "compile_ratio_to_model_compile": ("fastdiff-compile", "model-compile"),
+    "compile_speedup_over_diffusers": ("diffusers-eager", "fastdiff-compile"),
+    "compile_speedup_over_diffusers_compiled": ("diffusers-compile", "fastdiff-compile"),
+}
+
+
 def _side_by_side(c: dict) -> None:
-    """Interleaved rounds: per-impl stats, fastdiff / (steps x model alone), diffusers / fastdiff;
-    the same two for compile=True where it ran; each sampler's own work (no-op model)."""
+    """Interleaved rounds: per-impl stats; each ratio of SIDE_BY_SIDE_PAIRS as the median of its
+    per-round ratios with a distribution-free interval; each sampler's own work (no-op model)."""
     c["round"] = {k: c.pop(k) for k in ("median_s", "q1_s", "q3_s", "iqr_s", "min_s", "max_s", "rounds", "samples_s")}
     samples = c.pop("samples_by_impl")
     c["by_impl"] = {impl: sample_stats(s) for impl, s in samples.items()}
     med = {impl: st["median_s"] for impl, st in c["by_impl"].items()}
-    pairs = {"ratio_to_model_eager": ("fastdiff", "model-eager"),
-             "speedup_over_diffusers": ("diffusers-eager", "fastdiff"),
-             "compile_ratio_to_model_compile": ("fastdiff-compile", "model-compile"),
-             "compile_speedup_over_diffusers": ("diffusers-eager", "fastdiff-compile")}
-    c["paired"] = {k: paired_ratio(samples[a], samples[b]) for k, (a, b) in pairs.items() if a in med and b in med}
+    c["paired"] = {k: paired_ratio(samples[a], samples[b]) for k, (a, b) in SIDE_BY_SIDE_PAIRS.items()
+                   if a in med and b in med}
     c["ratio_to_model_eager"] = c["paired"]["ratio_to_model_eager"]["median"]
     c["speedup_over_diffusers"] = c["paired"]["speedup_over_diffusers"]["median"]
-    if "fastdiff-compile" in med:
-        c["compile"] = {"ratio_to_model_compile": c["paired"]["compile_ratio_to_model_compile"]["median"],
-                        "speedup_over_diffusers": c["paired"]["compile_speedup_over_diffusers"]["median"]}
     if "fastdiff-noop" in med:  # the sampler's own work, timed directly (model replaced by a no-op)
         c["overhead_s"] = {"fastdiff": med["fastdiff-noop"], "diffusers": med.get("diffusers-noop")}
         c["ratio_from_overhead"] = 1 + med["fastdiff-noop"] / med["model-eager"]
@@ -145,14 +148,13 @@ def targets(results: dict) -> list[dict]:
     cuda = results["device"] == "cuda"
     out = []
 
-    def add(name, goal, value, unit, met, note="", ci=None):
-        """met(value); with a 90% interval `ci` (paired rounds), met only when the whole
-        interval is, missed only when none of it is: else None, within noise."""
-        verdict = None if value is None else bool(met(value))
-        if value is not None and ci is not None and met(ci[0]) != met(ci[1]):
-            verdict = None
-        out.append({"target": name, "goal": goal, "measured": value, "unit": unit, "met": verdict, "note": note,
-                    "ci90": ci})
+    def add(name, goal, value, unit, met, note="", paired=None):
+        """met(value); with a paired ratio's interval, met only when the whole interval is,
+        missed only when none of it is: else None, within noise (fastdiff.bench.verdict)."""
+        ci = paired["ci"] if paired else None
+        out.append({"target": name, "goal": goal, "measured": value, "unit": unit,
+                    "met": None if value is None else verdict(ci, value, met), "note": note, "ci": ci,
+                    "ci_coverage": paired["ci_coverage"] if paired else None})
 
     step_impl = FUSED if cuda else "fastdiff-torch"
     note = "" if cuda else "GPU target; here the CPU's torch backend, for reference"
@@ -189,23 +191,29 @@ def targets(results: dict) -> list[dict]:
             o = d["overhead_s"]
             how += (f"; sampler's own work per loop (no-op model): fastdiff {fmt_time(o['fastdiff'])}, "
                     f"diffusers {fmt_time(o['diffusers'])}, so 1 + own / model = {d['ratio_from_overhead']:.4f}")
-        add("digits (CPU): fastdiff loop / (steps x model alone)", "<= 1.05",
-            d.get("ratio_to_model_eager") if d else None, "", lambda v: v <= 1.05, how)
         paired = (d or {}).get("paired", {})
-        add("digits (CPU): speedup over the diffusers-style loop, same eager model", "> 1x",
-            d.get("speedup_over_diffusers") if d else None, "x", lambda v: v > 1, how,
-            paired.get("speedup_over_diffusers", {}).get("ci90"))
-        comp = d.get("compile") if d else None
-        if comp is None:  # sequential cases
-            c = next((c for c in digits if c.get("impl") == "fastdiff-compile"), None)
-            comp = c and {"ratio_to_model_compile": c.get("ratio_to_limit"),
-                          "speedup_over_diffusers": c.get("speedup_over_diffusers")}
-        how = "Sampler(compile=True) against its compiled model alone and the diffusers-style eager loop"
-        add("digits (CPU): compile=True loop / (steps x compiled model alone)", "<= 1.05",
-            comp and comp["ratio_to_model_compile"], "", lambda v: v <= 1.05, how if comp else "not run")
-        add("digits (CPU): compile=True speedup over the diffusers-style loop", "> 1x",
-            comp and comp["speedup_over_diffusers"], "x", lambda v: v > 1, how if comp else "not run",
-            paired.get("compile_speedup_over_diffusers", {}).get("ci90"))
+
+        def ratio(key, fallback_case=None, fallback_key=None):  # (value, its paired interval)
+            if key in paired:
+                return paired[key]["median"], paired[key]
+            c = next((c for c in digits if c.get("impl") == fallback_case), None) if fallback_case else d
+            return (c.get(fallback_key or key) if c else None), None
+
+        value, p = ratio("ratio_to_model_eager")
+        add("digits (CPU): fastdiff loop / (steps x model alone)", "<= 1.05", value, "", lambda v: v <= 1.05, how, p)
+        value, p = ratio("speedup_over_diffusers")
+        add("digits (CPU): speedup over the diffusers-style loop, same eager model", "> 1x", value, "x",
+            lambda v: v > 1, how, p)
+        how = "Sampler(compile=True) against its compiled model alone and the diffusers-style loops"
+        value, p = ratio("compile_ratio_to_model_compile", "fastdiff-compile", "ratio_to_limit")
+        add("digits (CPU): compile=True loop / (steps x compiled model alone)", "<= 1.05", value, "",
+            lambda v: v <= 1.05, how if value else "not run", p)
+        value, p = ratio("compile_speedup_over_diffusers", "fastdiff-compile", "speedup_over_diffusers")
+        add("digits (CPU): compile=True speedup over the diffusers-style loop (eager model)", "> 1x", value, "x",
+            lambda v: v > 1, (how + "; the gain is torch.compile's") if value else "not run", p)
+        value, p = ratio("compile_speedup_over_diffusers_compiled")
+        add("digits (CPU): compile=True speedup over the diffusers-style loop over the same compiled model",
+            "> 1x", value, "x", lambda v: v > 1, how if value else "not run", p)
     return out
 
 
@@ -224,9 +232,9 @@ def target_rows(results: dict) -> list[list[str]]:
     for t in results["targets"]:
         met = {True: "yes", False: "**no**", None: "not measured" if t["measured"] is None else "within noise"}[
             t["met"]]
-        ci = t.get("ci90")
+        ci = t.get("ci")
         measured = fmt(t["measured"], ".3g", f" {t['unit']}".rstrip()) + (
-            f" (90% CI {ci[0]:.3g}-{ci[1]:.3g})" if ci else "")
+            f" ({100 * t['ci_coverage']:.0f}% CI {ci[0]:.3g}-{ci[1]:.3g})" if ci else "")
         rows.append([t["target"], t["goal"], measured, met, t["note"]])
     return rows
 
@@ -272,13 +280,15 @@ def markdown(results: dict, png_name: str | None) -> str:
             f"{c['case']} {c['impl']} {fmt_time(c['median_s'] / c['model_calls'])} per call" for c in models)]
     for c in (c for c in results["cases"] if c.get("kind") == "side_by_side"):
         lines += ["", f"## Side by side: {c['case']} ({c['steps']} steps, {c['solver']} / {c['scheduler']})", "",
-                  ("Each round runs every row in turn, so background load hits all alike (ratios: "
-                   f"medians of the per-round ratios, {c['round']['rounds']} rounds): fastdiff / model alone = "
-                   f"{c['ratio_to_model_eager']:.3f}; diffusers / fastdiff = {c['speedup_over_diffusers']:.2f}x"
-                   + (f"; with compile=True, fastdiff / compiled model alone = "
-                      f"{c['compile']['ratio_to_model_compile']:.3f} and diffusers / fastdiff = "
-                      f"{c['compile']['speedup_over_diffusers']:.2f}x" if c.get("compile") else "")
-                   + ". The -noop rows replace the model by a no-op: each sampler's own work per loop."), ""]
+                  (f"Each of {c['round']['rounds']} rounds runs every row in turn, in an order rotated every "
+                   "round, so background load hits all alike. A ratio is the median of its per-round "
+                   "ratios, with a distribution-free interval for that median (its coverage given). The "
+                   "-noop rows replace the model by a no-op: each sampler's own work per loop."), ""]
+        lines += table(["ratio", "median", "interval (coverage)"],
+                       [[f"{SIDE_BY_SIDE_PAIRS[k][0]} / {SIDE_BY_SIDE_PAIRS[k][1]}", f"{p['median']:.3f}",
+                         f"{p['ci'][0]:.3f}-{p['ci'][1]:.3f} ({100 * p['ci_coverage']:.0f}%)"]
+                        for k, p in c["paired"].items()])
+        lines += [""]
         lines += table(["impl", "median (IQR)", "min"],
                        [[impl, f"{fmt_time(st['median_s'])} ({fmt_time(st['iqr_s'])})", fmt_time(st["min_s"])]
                         for impl, st in c["by_impl"].items()])
@@ -329,10 +339,14 @@ def plot(results: dict, path: Path) -> bool:
     frac += [(f"step {c['solver']} {'cfg ' if c['cfg'] else ''}{'x'.join(map(str, c['shape']))} (of copy bw)",
               c["fraction_of_copy"]) for c in steps if c.get("fraction_of_copy")]
     for c in (c for c in results["cases"] if c.get("kind") == "side_by_side"):
-        if c.get("compile"):
-            speed.insert(0, (f"loop {c['case']} side by side, compile", c["compile"]["speedup_over_diffusers"]))
+        paired = c["paired"]
+        for key, label in (("compile_speedup_over_diffusers_compiled", "compile vs diffusers compiled"),
+                           ("compile_speedup_over_diffusers", "compile vs diffusers eager")):
+            if key in paired:
+                speed.insert(0, (f"loop {c['case']} side by side, {label}", paired[key]["median"]))
+        if "compile_ratio_to_model_compile" in paired:
             frac.insert(0, (f"loop {c['case']} side by side, compile (compiled model alone)",
-                            1 / c["compile"]["ratio_to_model_compile"]))
+                            1 / paired["compile_ratio_to_model_compile"]["median"]))
         speed.insert(0, (f"loop {c['case']} side by side", c["speedup_over_diffusers"]))
         frac.insert(0, (f"loop {c['case']} side by side (model alone)", 1 / c["ratio_to_model_eager"]))
     n = max(len(speed), len(frac), 1)

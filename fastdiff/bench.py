@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import statistics
 import time
 from collections.abc import Callable
@@ -25,7 +24,7 @@ import torch
 from .bench_cases import (  # noqa: F401
     BANDWIDTH_SHAPE, SCHEDULERS, STEP_SHAPES, LoopModel, _step_table, cifar10_model, diffusers_loop,
     diffusers_step, digits_model, fastdiff_loop, fastdiff_step, graph_timings, model_alone, sd15_model,
-    step_bytes, without_model,
+    step_bytes, with_compiled_model_in_diffusers_loop, without_model,
 )
 
 
@@ -66,11 +65,18 @@ class Timing:
                 "samples_s": self.samples}
 
 
+def rotated(names: list, i: int) -> list:
+    """Round i's order: the list rotated by i, so each case takes each position in turn."""
+    k = i % len(names) if names else 0
+    return names[k:] + names[:k]
+
+
 def measure(fns: dict[str, Callable[[], object]], device, *, rounds: int = 7, warmup: int = 2,
             min_round_s: float = 2e-3) -> dict[str, Timing]:
-    """Time several functions side by side: warm up, then rounds that call each in turn
-    (so drifting background load hits all alike); a round repeats a call until it lasts
-    min_round_s, with a device sync at both ends. Returns seconds per call."""
+    """Time several functions side by side: warm up, then rounds that call each in turn, in
+    an order rotated every round (so drifting background load hits all alike); a round
+    repeats a call until it lasts min_round_s, with a device sync at both ends. Returns
+    seconds per call."""
     inner = {}
     for name, fn in fns.items():
         for _ in range(max(1, warmup)):  # the last warm-up call sizes the rounds
@@ -80,8 +86,10 @@ def measure(fns: dict[str, Callable[[], object]], device, *, rounds: int = 7, wa
             sync(device)
         inner[name] = max(1, math.ceil(min_round_s / max(time.perf_counter() - t0, 1e-7)))
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    names = list(fns)
+    for i in range(rounds):
+        for name in rotated(names, i):
+            fn = fns[name]
             sync(device)
             t0 = time.perf_counter()
             for _ in range(inner[name]):
@@ -91,14 +99,42 @@ def measure(fns: dict[str, Callable[[], object]], device, *, rounds: int = 7, wa
     return {name: Timing(s) for name, s in samples.items()}
 
 
-def paired_ratio(num: list[float], den: list[float], resamples: int = 2000) -> dict:
-    """Median of the per-round ratios num[i] / den[i] and its 90% bootstrap interval (fixed
-    seed): within one round both ran back to back, so the ratio cancels the machine's drift."""
+def median_interval(values: list[float], level: float = 0.90) -> tuple[float, float, float]:
+    """(low, high, coverage): a distribution-free interval for the median of `values`.
+
+    The k-th smallest and k-th largest value cover the median with probability
+    1 - 2 P(Binomial(n, 1/2) <= k - 1); k is the largest that keeps that >= level (for 9
+    values the 2nd and 8th, 96%). Too few values for `level`: the full range, whose coverage
+    is returned as it is (4 values: 87.5%).
+    """
+    s, n = sorted(values), len(values)
+    if n == 0:
+        raise ValueError("median_interval needs at least one value")
+
+    def coverage(k: int) -> float:
+        return 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2**n
+
+    k = 1
+    while k < (n + 1) // 2 and coverage(k + 1) >= level:
+        k += 1
+    return s[k - 1], s[n - k], coverage(k)
+
+
+def paired_ratio(num: list[float], den: list[float]) -> dict:
+    """Median of the per-round ratios num[i] / den[i] and its interval (median_interval): within
+    one round both ran back to back, so the ratio cancels the machine's drift."""
+    if len(num) != len(den) or not num:
+        raise ValueError(f"paired_ratio needs two equally long, non-empty series; got {len(num)} and {len(den)}")
     ratios = [a / b for a, b in zip(num, den)]
-    rand = random.Random(0)
-    medians = sorted(statistics.median(rand.choices(ratios, k=len(ratios))) for _ in range(resamples))
-    return {"median": statistics.median(ratios), "ci90": [medians[int(0.05 * resamples)],
-                                                          medians[int(0.95 * resamples) - 1]]}
+    lo, hi, cover = median_interval(ratios)
+    return {"median": statistics.median(ratios), "ci": [lo, hi], "ci_coverage": cover}
+
+
+def verdict(ci: list[float] | None, value: float, ok) -> bool | None:
+    """ok(value), unless the interval straddles the goal: then None, within noise."""
+    if ci is not None and ok(ci[0]) != ok(ci[1]):
+        return None
+    return bool(ok(value))
 
 
 def copy_bandwidth(device, nbytes: int | None = None, rounds: int = 10) -> tuple[float, Timing, int]:
@@ -211,8 +247,9 @@ def vs_diffusers(timings: dict) -> str:
     if "diffusers" not in timings:
         return "n/a"
     p = paired_ratio(timings["diffusers"].samples, timings["fastdiff"].samples)
-    lo, hi = p["ci90"]
-    return f"within noise ({lo:.2f}-{hi:.2f}x)" if lo <= 1 <= hi else _speedup(p["median"])
+    if verdict(p["ci"], p["median"], lambda v: v > 1) is None:
+        return f"within noise ({p['ci'][0]:.2f}-{p['ci'][1]:.2f}x)"
+    return _speedup(p["median"])
 
 
 def print_table(rows: list[Row], header: str) -> None:

@@ -290,6 +290,16 @@ def without_model(lm: LoopModel) -> LoopModel:
                                sampler_options={**lm.sampler_options, "dtype": lm.dtype})
 
 
+def with_compiled_model_in_diffusers_loop(lm: LoopModel) -> LoopModel:
+    """The case whose diffusers-style loop calls compile_model(model) the way fastdiff calls a
+    model (x, t [B] float, **kwargs): against Sampler(compile=True), the two loops then differ
+    only in the sampler."""
+    from .graph import compile_model
+
+    compiled, kwargs = compile_model(lm.model), lm.model_kwargs()
+    return dataclasses.replace(lm, diffusers_call=lambda x, t: compiled(x, t.expand(x.shape[0]).float(), **kwargs))
+
+
 def fastdiff_loop(lm: LoopModel, device, **options):
     """(sampler, run): run() is one `sampler.sample(...)`, exactly as a user calls it."""
     from .sampler import Sampler
