@@ -33,7 +33,7 @@ from fastdiff import bench
 
 CUDA = torch.cuda.is_available()
 LOOP_BUDGET_S = 4.0  # timed seconds per case, roughly: rounds = budget / seconds per call, in [3, 10]
-SIDE_BY_SIDE_BUDGET_S = 40.0  # the same for the interleaved digits rounds, in [5, 15]
+SIDE_BY_SIDE_BUDGET_S = 75.0  # the same for the interleaved digits rounds, in [5, 15]
 EAGER = ("fastdiff-eager", "diffusers-eager", "model-eager")
 GRAPH = ("fastdiff-graph", "model-graph")
 CPU_COMPILE = ("fastdiff-compile", "model-compile")  # on CUDA the compiled U-Net runs inside the graph
