@@ -116,11 +116,12 @@ class TritonExecutor(TorchExecutor):
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
-    """'auto': the fused kernel on CUDA for the dtypes it handles, else the torch executor."""
+    """'auto': the fused kernels on CUDA for the dtypes they take, else plain torch (the
+    Sampler's executors and add_noise alike)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
     if backend == "triton" and dtype not in MODEL_DTYPES:
-        raise ValueError(f"backend='triton' runs models in {', '.join(str(d)[6:] for d in MODEL_DTYPES)}; "
+        raise ValueError(f"backend='triton' takes {', '.join(str(d)[6:] for d in MODEL_DTYPES)} tensors; "
                          f"got dtype {str(dtype)[6:]}: use backend='torch' (or 'auto')")
     if backend == "auto":
         return "triton" if device.type == "cuda" and dtype in MODEL_DTYPES else "torch"

@@ -4,9 +4,10 @@ from __future__ import annotations
 import torch
 
 from . import rng
+from .executors import resolve_backend
 from .seeds import as_seeds
 from .schedules import Schedule
-from .solvers.table import MODEL_DTYPES, STREAM_FORWARD
+from .solvers.table import STREAM_FORWARD
 
 
 def _abar_per_sample(t, schedule: Schedule, batch: int) -> torch.Tensor:
@@ -49,13 +50,10 @@ def noise_to_level(x0: torch.Tensor, abar, *, noise: torch.Tensor | None = None,
         raise ValueError("add_noise needs either noise or seeds")
     if noise is not None and noise.shape != x0.shape:
         raise ValueError(f"noise shape {tuple(noise.shape)} != x0 shape {tuple(x0.shape)}")
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"unknown backend {backend!r}; allowed: auto, torch, triton")
+    backend = resolve_backend(backend, x0.device, x0.dtype)
     if seeds is not None:
         seeds = as_seeds(seeds, B, x0.device)
-    if backend == "triton" and x0.dtype not in MODEL_DTYPES:
-        raise ValueError(f"backend='triton' noises float32, float16 or bfloat16; got {x0.dtype}: use backend='torch'")
-    if backend == "triton" or (backend == "auto" and x0.is_cuda and x0.dtype in MODEL_DTYPES):
+    if backend == "triton":
         from fastdiff.kernels import forward_noise
 
         if seeds is None:

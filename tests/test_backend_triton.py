@@ -78,7 +78,7 @@ def test_float64_models_take_the_torch_backend(kernel_device):
     a float32 model is read as float32."""
     model64 = GaussianDenoiser(SCHEDULE).double()
     assert Sampler(model64, SCHEDULE, steps=2, device=kernel_device, dtype=torch.float64).backend == "torch"
-    with pytest.raises(ValueError, match="backend='triton' runs models in float32, float16, bfloat16; got dtype "
+    with pytest.raises(ValueError, match="backend='triton' takes float32, float16, bfloat16 tensors; got dtype "
                                          "float64: use backend='torch'"):
         Sampler(model64, SCHEDULE, steps=2, backend="triton", device=kernel_device, dtype=torch.float64)
 

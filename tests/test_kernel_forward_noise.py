@@ -109,5 +109,5 @@ def test_float64_noising_takes_the_torch_path(kernel_device):
     t = torch.tensor([10, 900], device=kernel_device)
     out = add_noise(x0, t, Schedule.linear(), seeds=[1, 2])  # 'auto': the kernel takes no float64
     assert out.dtype == torch.float64
-    with pytest.raises(ValueError, match="backend='triton' noises float32, float16 or bfloat16; got torch.float64"):
+    with pytest.raises(ValueError, match="backend='triton' takes float32, float16, bfloat16 tensors; got dtype float64: use backend='torch'"):
         add_noise(x0, t, Schedule.linear(), seeds=[1, 2], backend="triton")
