@@ -9,13 +9,13 @@ data units. A sample's result depends only on its seed, never on the batch aroun
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from collections import OrderedDict
 
 import torch
 
 from . import rng
+from .devices import on_device
 from .executors import EXECUTORS, resolve_backend
 from .grids import SIGMA_GRIDS, SPACINGS, make_grid
 from .guidance import Thresholding
@@ -179,8 +179,7 @@ class Sampler:
                 raise ValueError(f"guidance_scale must be a number or have {B} entries, got {w_t.numel()}")
             cfg_w = w_t.expand(B)[None].expand(table.rows, B)
         runner = self._runner(table, start, B, tuple(x_T.shape[1:]), cfg, kwargs)
-        # streams, graph capture and Triton launches all use the *current* GPU: make it ours
-        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+        with on_device(self.device):  # streams, capture and launches go to the current GPU
             return runner.run(x0, seeds, cfg_w, kwargs, progress)
 
     def _initial_noise(self, noise, shape, seeds):

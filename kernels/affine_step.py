@@ -19,9 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
+from fastdiff.devices import on_device
 from fastdiff.solvers.table import MAX_HISTORY, MODEL_DTYPES, NCOL, STREAM_STEP
 
-from .launch import on_device
 from .philox import normal_block
 
 ROW_WIDTH = 3 + 2 * NCOL  # [d_point, d_out, c_in_next, state[NCOL], point[NCOL]]

@@ -10,9 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
+from fastdiff.devices import on_device
 from fastdiff.solvers.table import MODEL_DTYPES, STREAM_FORWARD
 
-from .launch import on_device
 from .philox import normal_block
 
 

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import on_device
+from fastdiff.devices import on_device
 
 NAMES = (
     "alphas_cumprod",

@@ -31,12 +31,11 @@ import torch
 import triton
 import triton.language as tl
 
+from fastdiff.devices import on_device
 from fastdiff.grids import SPACINGS
 from fastdiff.solvers.base import PREDICTIONS, check_prediction
 from fastdiff.solvers.ddpm import VARIANCES
 from fastdiff.solvers.table import NCOL
-
-from .launch import on_device
 
 SOLVERS = ("ddpm", "ddim", "euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde")
 COLUMNS = ("c_in", "d_point", "d_out", "sigma")  # the per-row scalars besides `state`
