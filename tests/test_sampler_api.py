@@ -87,29 +87,9 @@ def test_sample_errors():
         sampler.sample(shape=(2, 3), seeds=[0, 1], cond={"class_labels": torch.zeros(3)})
 
 
-class NaNAt:
-    """A model that returns NaN from the k-th call on."""
-
-    def __init__(self, k):
-        self.k, self.calls = k, 0
-        self.inner = model()
-
-    def __call__(self, x, t, **kw):
-        out = self.inner(x, t, **kw)
-        self.calls += 1
-        return out * float("nan") if self.calls > self.k else out
-
-
-@pytest.mark.parametrize("solver", ["ddim", "heun", "unipc"])
-def test_nonfinite_output_names_step_and_timestep(solver):
-    sampler = Sampler(NaNAt(3), SCHEDULE, solver=solver, steps=10)
-    t3 = sampler.timesteps[3].item()
-    with pytest.raises(FloatingPointError, match=f"non-finite model output at step 3 \\(timestep {t3:g}\\)"):
-        sampler.sample(shape=(2, 4), seeds=[0, 1])
-
-
 class OneValueAt:
-    """Sets one element of the k-th call's output (0-based) to `value`; every other call is clean."""
+    """Sets one element of the k-th call's output (0-based; everywhere=True: all of it) to
+    `value`; every other call is clean."""
 
     def __init__(self, k, value, everywhere=False):
         self.k, self.value, self.everywhere, self.calls = k, value, everywhere, 0
@@ -122,6 +102,14 @@ class OneValueAt:
             out = torch.full_like(out, self.value) if self.everywhere else out.clone()
             out.view(-1)[5] = self.value
         return out
+
+
+@pytest.mark.parametrize("solver", ["ddim", "heun", "unipc"])
+def test_nonfinite_output_names_step_and_timestep(solver):
+    sampler = Sampler(OneValueAt(3, float("nan"), everywhere=True), SCHEDULE, solver=solver, steps=10)
+    t3 = sampler.timesteps[3].item()
+    with pytest.raises(FloatingPointError, match=f"non-finite model output at step 3 \\(timestep {t3:g}\\)"):
+        sampler.sample(shape=(2, 4), seeds=[0, 1])
 
 
 @pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
