@@ -48,6 +48,12 @@ def run_table(table, x0, noises):
     return x
 
 
+def draws(seed, rows):
+    """x0 [SHAPE] and one noise per row, drawn in that order after torch.manual_seed(seed)."""
+    torch.manual_seed(seed)
+    return torch.randn(SHAPE, dtype=F64), torch.randn(rows, *SHAPE, dtype=F64)
+
+
 def grid_for(solver, steps=12, spacing="trailing", sigmas=None, schedule=None):
     schedule = schedule or Schedule.linear()
     return make_grid(schedule, steps, spacing=spacing, sigmas=sigmas,
@@ -66,9 +72,7 @@ GRIDS = [dict(spacing="trailing"), dict(spacing="leading"), dict(spacing="linspa
 def test_ddpm_table_matches_posterior(g, variance):
     grid = grid_for("ddpm", **g)
     table = build_table("ddpm", grid, "epsilon", variance=variance)
-    torch.manual_seed(0)
-    x0 = torch.randn(SHAPE, dtype=F64)
-    noises = torch.randn(table.rows, *SHAPE, dtype=F64)
+    x0, noises = draws(0, table.rows)
     x = x0.clone()
     for i in range(grid.steps):
         a_t, a_prev = float(grid.abar[i]), float(grid.abar_to[i])
@@ -81,9 +85,7 @@ def test_ddpm_table_matches_posterior(g, variance):
 def test_ddim_table_matches_eq12(g, eta):
     grid = grid_for("ddim", **g)
     table = build_table("ddim", grid, "epsilon", eta=eta)
-    torch.manual_seed(1)
-    x0 = torch.randn(SHAPE, dtype=F64)
-    noises = torch.randn(table.rows, *SHAPE, dtype=F64)
+    x0, noises = draws(1, table.rows)
     x = x0.clone()
     for i in range(grid.steps):
         a_t, a_prev = float(grid.abar[i]), float(grid.abar_to[i])
@@ -105,9 +107,7 @@ def _ve_chain(grid, x0, noises, step):
 @pytest.mark.parametrize("g", GRIDS, ids=lambda g: "-".join(str(v) for v in g.values()))
 def test_euler_tables_match_karras(g):
     grid = grid_for("euler", **g)
-    torch.manual_seed(2)
-    x0 = torch.randn(SHAPE, dtype=F64)
-    noises = torch.randn(grid.steps, *SHAPE, dtype=F64)
+    x0, noises = draws(2, grid.steps)
     want = _ve_chain(grid, x0, noises, lambda x, D0, z, s, s_to: euler.reference_euler(x, D0, s, s_to))
     torch.testing.assert_close(run_table(build_table("euler", grid, "epsilon"), x0, noises), want,
                                rtol=1e-10, atol=1e-10)
@@ -138,9 +138,7 @@ def test_dpmpp_tables_match_algorithm_2(g, sde, lower_order_final):
     grid = grid_for("dpmpp_2m", **g)
     name = "dpmpp_2m_sde" if sde else "dpmpp_2m"
     table = build_table(name, grid, "epsilon", lower_order_final=lower_order_final)
-    torch.manual_seed(4)
-    x0 = torch.randn(SHAPE, dtype=F64)
-    noises = torch.randn(table.rows, *SHAPE, dtype=F64)
+    x0, noises = draws(4, table.rows)
     x, D_prev, lam_prev = x0.clone(), None, None
     N = grid.steps
     for i in range(N):
