@@ -24,7 +24,6 @@ One-time costs (first call; graph warm-up and capture; compile) go into extra_in
 """
 import gc
 import math
-import time
 
 import pytest
 import torch
@@ -50,7 +49,8 @@ def cases(quick: bool):
     if CUDA:
         out += [
             ("cifar10-b1-fp32", lambda d: bench.cifar10_model(d, 1, f32, steps=50), impls),
-            ("sd15-b1-fp16", lambda d: bench.sd15_model(d, 1, f16, steps=25), impls + ("fastdiff-graph-compile", "model-graph-compile")),
+            ("sd15-b1-fp16", lambda d: bench.sd15_model(d, 1, f16, steps=25),
+             impls + ("fastdiff-graph-compile", "model-graph-compile")),
             ("cifar10-b64-fp16", lambda d: bench.cifar10_model(d, 64, f16, steps=50), impls),
             ("sd15-b8-fp16", lambda d: bench.sd15_model(d, 8, f16, steps=25), impls),
         ]
@@ -78,14 +78,6 @@ def loop_model(case: str, build, device) -> bench.LoopModel:
     return _model["lm"]
 
 
-def timed_call(run, device) -> float:
-    bench.sync(device)
-    start = time.perf_counter()
-    run()
-    bench.sync(device)
-    return time.perf_counter() - start
-
-
 @pytest.mark.benchmark(group="loop", timer=bench.synced_clock)
 def test_loop(benchmark, device, case, build, impl):
     if impl == "diffusers-eager" or not case.startswith("digits"):
@@ -96,16 +88,16 @@ def test_loop(benchmark, device, case, build, impl):
     if impl.startswith("fastdiff"):
         graph = impl.startswith("fastdiff-graph")
         sampler, run = bench.fastdiff_loop(lm, device, graph=graph, compile=compile)
-        info["first_call_s"] = timed_call(run, device)  # buffers; with graph: warm-up (+ compile), capture
+        info["first_call_s"] = bench.timed_call(run, device)  # buffers; with graph: warm-up (+ compile), capture
         info.update(bench.graph_timings(sampler) if graph else {})
     elif impl == "diffusers-eager":
         run = bench.diffusers_loop(lm, device)
-        info["first_call_s"] = timed_call(run, device)
+        info["first_call_s"] = bench.timed_call(run, device)
     else:
         run, info["model_calls"] = bench.model_alone(lm, device, graph=impl.startswith("model-graph"),
                                                      compile=compile)
-        info["first_call_s"] = timed_call(run, device)
-    per_call = timed_call(run, device)  # a warm call sizes the rounds
+        info["first_call_s"] = bench.timed_call(run, device)
+    per_call = bench.timed_call(run, device)  # a warm call sizes the rounds
     iterations = max(1, math.ceil(0.02 / per_call))  # model-eager: >= 20 ms per round
     rounds = max(3, min(10, int(LOOP_BUDGET_S / (per_call * iterations))))
     benchmark.extra_info.update(info)
@@ -138,7 +130,7 @@ def test_digits_side_by_side(benchmark, device, quick):
 
     def one_round():  # in an order rotated every round: each impl takes each position in turn
         for name in bench.rotated(list(fns), len(samples["fastdiff"])):
-            samples[name].append(timed_call(fns[name], device))
+            samples[name].append(bench.timed_call(fns[name], device))
 
     for fn in fns.values():  # warm-up (compilation; on CUDA the graph capture)
         fn()

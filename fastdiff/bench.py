@@ -65,6 +65,16 @@ class Timing:
                 "samples_s": self.samples}
 
 
+def timed_call(fn: Callable[[], object], device, repeat: int = 1) -> float:
+    """Seconds for `repeat` calls of fn, with a device sync before and after."""
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
 def rotated(names: list, i: int) -> list:
     """Round i's order: the list rotated by i, so each case takes each position in turn."""
     k = i % len(names) if names else 0
@@ -80,22 +90,12 @@ def measure(fns: dict[str, Callable[[], object]], device, *, rounds: int = 7, wa
     inner = {}
     for name, fn in fns.items():
         for _ in range(max(1, warmup)):  # the last warm-up call sizes the rounds
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-        inner[name] = max(1, math.ceil(min_round_s / max(time.perf_counter() - t0, 1e-7)))
+            last = timed_call(fn, device)
+        inner[name] = max(1, math.ceil(min_round_s / max(last, 1e-7)))
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    names = list(fns)
     for i in range(rounds):
-        for name in rotated(names, i):
-            fn = fns[name]
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(inner[name]):
-                fn()
-            sync(device)
-            samples[name].append((time.perf_counter() - t0) / inner[name])
+        for name in rotated(list(fns), i):
+            samples[name].append(timed_call(fns[name], device, inner[name]) / inner[name])
     return {name: Timing(s) for name, s in samples.items()}
 
 
@@ -201,10 +201,7 @@ def _loop_row(lm: LoopModel, device, rounds: int, diffusers: bool, compile: bool
     compiled model alone) against the reference, diffusers and steps x the model alone."""
     cuda = device.type == "cuda"
     run = fastdiff_loop(lm, device, compile=compile)[1]
-    start = time.perf_counter()
-    run()  # the first call: buffers, and on CUDA warm-up + graph capture
-    sync(device)
-    first = time.perf_counter() - start
+    first = timed_call(run, device)  # the first call: buffers, and on CUDA warm-up + graph capture
     fns = {"fastdiff": run}
     if cuda:
         fns["reference"] = fastdiff_loop(lm, device, backend="torch", graph=False)[1]
@@ -243,7 +240,7 @@ def _speedup(ratio: float) -> str:
 
 def vs_diffusers(timings: dict) -> str:
     """fastdiff against diffusers from their paired rounds: the median per-round speedup, or
-    'within noise' with the 90% interval when that interval holds 1."""
+    'within noise' with the median's interval (median_interval) when that interval holds 1."""
     if "diffusers" not in timings:
         return "n/a"
     p = paired_ratio(timings["diffusers"].samples, timings["fastdiff"].samples)
