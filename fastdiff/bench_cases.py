@@ -183,28 +183,12 @@ class LoopModel:
 
 
 def digits_model(device, batch: int = 8, steps: int = 20, guidance: float = 3.0) -> LoopModel:
-    """The embedded digits model (or, until its weights ship, the same U-Net with random
-    weights: timing does not depend on weights), class-conditional with CFG as `fastdiff sample`."""
-    from .models.pretrained import load_pretrained, weights_path
-    from .models.unet import UNet, UNetConfig
+    """The embedded digits model, class-conditional with CFG as `fastdiff sample`."""
+    from .models.pretrained import load_pretrained
 
     device = torch.device(device)
-    if weights_path("digits").exists():
-        loaded = load_pretrained("digits", device=device)
-        model, schedule, meta, note = loaded.model, loaded.schedule, loaded.metadata, "pretrained weights"
-    else:
-        from .schedules import Schedule
-        from .train import TrainConfig
-
-        c = TrainConfig()
-        model = UNet(UNetConfig(image_size=c.image_size, base_channels=c.base_channels,
-                                channel_mults=c.channel_mults, num_res_blocks=c.num_res_blocks,
-                                attention_resolutions=c.attention_resolutions, num_classes=10))
-        model = model.to(device).eval().requires_grad_(False)
-        schedule = Schedule.linear()
-        meta = {"image_shape": [1, c.image_size, c.image_size], "num_classes": 10, "null_class": 10,
-                "schedule": {"name": "linear", "beta_start": 1e-4, "beta_end": 0.02}}
-        note = "stand-in: the digits U-Net with random weights (weights not shipped yet)"
+    loaded = load_pretrained("digits", device=device)
+    model, schedule, meta, note = loaded.model, loaded.schedule, loaded.metadata, "pretrained weights"
     spec = meta.get("schedule", {})
     betas = ({"beta_schedule": "squaredcos_cap_v2"} if spec.get("name") == "cosine" else
              {"beta_schedule": "linear", "beta_start": spec.get("beta_start", 1e-4),

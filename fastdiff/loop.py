@@ -21,7 +21,7 @@ from .solvers.table import STREAM_CORRECTOR, StepTable
 class LoopBuffers:
     """x [B, *S] f32 state; point (separate-point solvers); history ring; model_in [G*B, *S]."""
 
-    def __init__(self, table: StepTable, batch: int, sample_shape, model_dtype, device, cfg: bool, cond_keys=()):
+    def __init__(self, table: StepTable, batch: int, sample_shape, model_dtype, device, cfg: bool):
         f32 = dict(dtype=torch.float32, device=device)
         shape = (batch, *sample_shape)
         self.batch, self.cfg = batch, cfg
@@ -114,9 +114,8 @@ class Loop:
             shift = torch.cat([shift, shift])  # guidance weights sum to one: shifts the result
         return (out.float() + shift).to(out.dtype)
 
-    def run(self, rows=None, progress=None) -> None:
-        rows = range(self.table.rows) if rows is None else rows
-        for r in rows:
+    def run(self, progress=None) -> None:
+        for r in range(self.table.rows):
             self.executor.step(r, self.call_model(r))
             if self.corrector is not None and self.corrector[r]:
                 self.correct(r)

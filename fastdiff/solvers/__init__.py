@@ -28,7 +28,6 @@ BUILDERS = {
     "unipc": unipc.build,
 }
 SOLVERS = tuple(BUILDERS)
-STOCHASTIC = ("ddpm", "euler_ancestral", "dpmpp_2m_sde")  # ddim too when eta > 0
 # diffusers' DDIM steps to t - T//N rather than to the next listed timestep (its DDPM does not)
 STRIDE_PREV = ("ddim",)
 
@@ -46,4 +45,4 @@ def build_table(solver: str, grid: Grid, prediction: str, **options) -> StepTabl
     return BUILDERS[solver](grid, prediction, **options).build()
 
 
-__all__ = ["BUILDERS", "SOLVERS", "STOCHASTIC", "STRIDE_PREV", "StepTable", "build_table", "check_solver"]
+__all__ = ["BUILDERS", "SOLVERS", "STRIDE_PREV", "StepTable", "build_table", "check_solver"]

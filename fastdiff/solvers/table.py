@@ -63,7 +63,6 @@ class StepTable:
     # per-row "alpha_i = 1 - beta_i" of Song et al.'s VP corrector, and the point's
     # VP (alpha, sigma) for the corrector's score; None without a corrector.
     corrector_alpha: torch.Tensor | None = None  # [R]
-    meta: dict = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
