@@ -9,6 +9,7 @@ data units. A sample's result depends only on its seed, never on the batch aroun
 """
 from __future__ import annotations
 
+import inspect
 import math
 from collections import OrderedDict
 
@@ -23,13 +24,32 @@ from .loop import Loop, LoopBuffers
 from .noising import noise_to_level
 from .schedules import Schedule
 from .seeds import as_seeds
-from .solvers import STRIDE_PREV, build_table, check_solver, langevin
+from .solvers import STRIDE_PREV, build_table, check_solver, langevin, solver_options
 from .solvers.base import check_prediction
 from .solvers.ddpm import VARIANCES
 from .solvers.table import STREAM_INIT, StepTable
 
 CORRECTORS = (None, "langevin")
 GRAPH_MODES = ("auto", True, False)
+# Sampler keywords that are solver options: a solver takes those its table builder declares
+SOLVER_KEYWORDS = ("eta", "variance", "solver_order", "lower_order_final", "use_clipped_model_output")
+# Every solver but DDIM steps from the clipped D, which is what use_clipped_model_output=True asks
+# of DDIM; Pretrained.sampler_options() asks it whatever the solver until its callers pass theirs.
+_CLIPPED_OUTPUT_ALWAYS = ("use_clipped_model_output", True)
+
+
+def _solver_options(solver: str, spacing: str, given: dict) -> dict:
+    """The keywords for `solver`'s table builder; a non-default option it does not use is an error."""
+    takes = solver_options(solver)
+    defaults = inspect.signature(Sampler.__init__).parameters
+    for name, value in given.items():
+        if name not in takes and value != defaults[name].default and (name, value) != _CLIPPED_OUTPUT_ALWAYS:
+            raise ValueError(f"{name}={value!r} is not an option of solver {solver!r}; "
+                             f"its options: {', '.join(takes)}")
+    options = {k: v for k, v in given.items() if k in takes}
+    if "spacing" in takes:  # the grid's spacing, which the Euler family's initial sigma depends on
+        options["spacing"] = spacing
+    return options
 
 
 def _model_dtype_device(model):
@@ -95,9 +115,9 @@ class Sampler:
                               steps_offset=steps_offset, sigmas=sigmas, rho=rho, final_abar=final_alpha_cumprod,
                               stride_prev=solver in STRIDE_PREV and sigmas is None, timesteps=timesteps)
         self.steps = self.grid.steps
-        self._options = dict(eta=eta, variance=variance, solver_order=solver_order,
-                             lower_order_final=lower_order_final, spacing=spacing,
-                             use_clipped_model_output=use_clipped_model_output)
+        self._options = _solver_options(solver, spacing, dict(
+            eta=eta, variance=variance, solver_order=solver_order, lower_order_final=lower_order_final,
+            use_clipped_model_output=use_clipped_model_output))
         self._corrector = (corrector_steps, snr) if corrector == "langevin" else None
         self.table = self._table(0)
         mdtype, mdevice = _model_dtype_device(model)

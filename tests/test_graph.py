@@ -2,12 +2,11 @@
 import pytest
 import torch
 
-from fastdiff import Sampler, Schedule
+from fastdiff import SOLVERS, Sampler, Schedule
 from gaussian_model import GaussianDenoiser
 from reference_loop import plain_loop
 
 SCHEDULE = Schedule.linear()
-SOLVERS = ["ddpm", "ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc"]
 
 
 @pytest.mark.parametrize("solver", SOLVERS)

@@ -148,7 +148,7 @@ def test_dpmpp_tables_match_algorithm_2(g, sde, lower_order_final):
         if sigma_t == 0:  # landing on the data: x = alpha_t D (first order, lambda = inf)
             x = alpha_t * D0
             break
-        last_first_order = i == N - 1 and lower_order_final and N < 15
+        last_first_order = i == N - 1 and dpmpp.final_step_first_order(N, lower_order_final)
         prev = None if last_first_order else D_prev
         if sde:
             x = dpmpp.reference_2m_sde(x, D0, prev, noises[i], alpha_s, sigma_s, alpha_t, sigma_t, lam_prev)

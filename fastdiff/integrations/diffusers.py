@@ -28,6 +28,7 @@ import torch
 
 from ..sampler import Sampler
 from ..schedules import Schedule
+from ..solvers.dpmpp import final_step_first_order
 
 # Sampler options that do not change what a scheduler computes; they pass through.
 RUNTIME_OPTIONS = ("guidance_scale", "guidance_rescale", "classifier", "classifier_scale", "corrector",
@@ -214,7 +215,7 @@ def _dpm(s, c, N, step_kw, schedule):
         _unsupported(s, "variance_type", c.variance_type)
     if c.use_flow_sigmas or c.prediction_type == "flow_prediction":
         _unsupported(s, "use_flow_sigmas", c.use_flow_sigmas, "flow matching is not a variance-preserving schedule")
-    last_first_order = c.final_sigmas_type == "zero" or (c.lower_order_final and N < 15) or c.solver_order == 1
+    last_first_order = c.final_sigmas_type == "zero" or final_step_first_order(N, c.lower_order_final) or c.solver_order == 1
     if c.euler_at_final and not last_first_order:
         _unsupported(s, "euler_at_final", True)
     return dict(solver=solvers[c.algorithm_type], prediction=c.prediction_type, solver_order=c.solver_order,
