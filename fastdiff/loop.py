@@ -15,7 +15,8 @@ from . import rng
 from .guidance import classifier_grad
 from .solvers.base import vp_levels
 from .solvers.langevin import step_size
-from .solvers.table import STREAM_CORRECTOR, StepTable
+from .rng import STREAM_CORRECTOR
+from .solvers.table import StepTable
 
 
 class LoopBuffers:

@@ -27,7 +27,8 @@ from .seeds import as_seeds
 from .solvers import STRIDE_PREV, build_table, check_solver, langevin, solver_options
 from .solvers.base import check_prediction
 from .solvers.ddpm import VARIANCES
-from .solvers.table import STREAM_INIT, StepTable
+from .rng import STREAM_INIT
+from .solvers.table import StepTable
 
 CORRECTORS = (None, "langevin")
 GRAPH_MODES = ("auto", True, False)

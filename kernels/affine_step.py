@@ -19,8 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
+from fastdiff.columns import MAX_HISTORY, NCOL
 from fastdiff.devices import on_device
-from fastdiff.solvers.table import MAX_HISTORY, MODEL_DTYPES, NCOL, STREAM_STEP
+from fastdiff.dtypes import MODEL_DTYPES
+from fastdiff.rng import STREAM_STEP
 
 from .philox import normal_block
 

@@ -4,7 +4,8 @@ import torch
 
 from fastdiff import rng
 from fastdiff.kernels import affine_step
-from fastdiff.solvers.table import NCOL, STREAM_STEP, Z
+from fastdiff.rng import STREAM_STEP
+from fastdiff.solvers.table import NCOL, Z
 
 ROW_WIDTH = 3 + 2 * NCOL
 SHAPES = [(1, 1, 1, 1), (3, 5, 7, 9), (2, 4, 33, 17)]
