@@ -43,6 +43,16 @@ def step_size(z: torch.Tensor, score: torch.Tensor, snr: float, alpha_i: float) 
     return 2 * alpha_i * (snr * z_norm / g_norm) ** 2
 
 
+def update(point: torch.Tensor, D: torch.Tensor, z: torch.Tensor, alpha: float, sigma: float, snr: float,
+           alpha_i: float, to_vp: float = 1.0) -> torch.Tensor:
+    """One corrector step of Algorithm 5 on a batch; `point` is in the table's units, its VP
+    value to_vp * point (to_vp = alpha in VE space, 1 in VP). Returns the new point."""
+    x_vp = to_vp * point
+    score = (alpha * D - x_vp) / (sigma * sigma)
+    eps = step_size(z, score, snr, alpha_i)
+    return (x_vp + eps * score + (2 * eps).sqrt() * z) / to_vp
+
+
 def reference_step(x_t, D, z, alpha, sigma, snr, alpha_i):
     """Textbook Algorithm 5, one corrector step on one sample (VP units)."""
     g = (alpha * D - x_t) / sigma**2
