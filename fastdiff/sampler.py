@@ -11,23 +11,24 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from collections import OrderedDict
 
 import torch
 
-from . import rng
+from . import rng, runners
 from .devices import on_device
 from .executors import EXECUTORS, resolve_backend
 from .grids import SIGMA_GRIDS, SPACINGS, make_grid
 from .guidance import Thresholding
 from .loop import Loop, LoopBuffers
 from .noising import noise_to_level
+from .rng import STREAM_INIT
 from .schedules import Schedule
 from .seeds import as_seeds
 from .solvers import STRIDE_PREV, build_table, check_solver, langevin, solver_options
 from .solvers.base import check_prediction
 from .solvers.ddpm import VARIANCES
-from .rng import STREAM_INIT
 from .solvers.table import StepTable
 
 CORRECTORS = (None, "langevin")
@@ -129,6 +130,8 @@ class Sampler:
         if graph is True and self.device.type != "cuda":
             raise ValueError("graph=True needs a CUDA device; use graph='auto' (eager on the CPU) or graph=False")
         self._runners: OrderedDict = OrderedDict()
+        self._newest = None  # the most recently created runner (see `timings`)
+        self._capture_failure: str | None = None  # why graph="auto" fell back to eager, if it did
         self._tables: dict[int, StepTable] = {0: self.table}
         self._compiled_model = None
 
@@ -256,9 +259,7 @@ class Sampler:
     # ---- runners: static buffers, an executor, and (on CUDA) a captured graph -------
     def _model(self):
         if self.compile and self._compiled_model is None:
-            from .graph import compile_model
-
-            self._compiled_model = compile_model(self.model)
+            self._compiled_model = runners.compile_model(self.model)
         return self.model if self._compiled_model is None else self._compiled_model  # no truth test: an
         # OptimizedModule forwards len() to the model, which raises for most nn.Modules
 
@@ -273,16 +274,28 @@ class Sampler:
                     classifier_scale=self.classifier_scale)
         use_graph = self.graph_mode is True or (self.graph_mode == "auto" and self.device.type == "cuda"
                                                 and self.classifier is None)
+        use_graph = use_graph and self._capture_failure is None  # graph="auto" stays eager after one failure
         if use_graph:
-            from .graph import GraphRunner
-
-            runner = GraphRunner(loop, table)
+            runner = runners.GraphRunner(loop, table, None if self.graph_mode is True else self._capture_failed)
         else:
-            runner = EagerRunner(loop, table)
+            runner = runners.EagerRunner(loop, table)
         self._runners[key] = runner
+        self._newest = runner
         while len(self._runners) > self.max_graphs:
             self._runners.popitem(last=False)[1].release()
         return runner
+
+    def _capture_failed(self, error: Exception) -> None:
+        self._capture_failure = f"{type(error).__name__}: {error}"
+        warnings.warn(f"graph='auto': the sampling loop could not be captured as a CUDA graph "
+                      f"({self._capture_failure.splitlines()[0]}); running it eagerly (graph=False says so "
+                      "up front; graph=True raises instead)", RuntimeWarning, stacklevel=4)
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """One-time costs in seconds of the most recently created runner, filled by its first
+        call: warmup_s and capture_s for a captured CUDA graph; empty for an eager loop."""
+        return dict(self._newest.timings) if self._newest is not None else {}
 
     def clear_graphs(self) -> None:
         """Release every cached runner (captured graphs and their static buffers)."""
@@ -303,34 +316,6 @@ class Sampler:
         from .integrations.diffusers import sampler_from_diffusers
 
         return sampler_from_diffusers(scheduler_or_config, model, steps=steps, **overrides)
-
-
-class EagerRunner:
-    """Runs the static-buffer loop without capture (CPU, or graph=False)."""
-
-    graph = None
-
-    def __init__(self, loop: Loop, table: StepTable):
-        self.loop, self.table = loop, table
-
-    def run(self, x0, seeds, cfg_w, kwargs, progress=False):
-        bufs = self.loop.bufs
-        bufs.load(x0, seeds, cfg_w, kwargs, float(self.table.c_in[0]))
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=self.table.rows, desc="sampling", unit="step", leave=False)
-        try:
-            self.loop.run(progress=bar)
-        finally:
-            if bar is not None:
-                bar.close()
-        self.loop.raise_if_nonfinite()
-        return bufs.x.clone()
-
-    def release(self) -> None:
-        pass
 
 
 def _batched_kwargs(cond, uncond, cfg, B, device) -> dict:
