@@ -63,7 +63,12 @@ def _model_dtype_device(model):
 
 
 class Sampler:
-    """Sample a diffusion model with any solver; see the module docstring."""
+    """Sample a diffusion model with any solver; see the module docstring.
+
+    Sampler.from_diffusers(scheduler_or_config, model, steps, **overrides), a Sampler
+    equivalent to a diffusers scheduler, is attached by fastdiff.integrations.diffusers
+    (imported with the package): the sampling layer does not import the integrations above it.
+    """
 
     def __init__(self, model, schedule: Schedule, solver: str = "dpmpp_2m", steps: int = 20,
                  prediction: str = "epsilon", spacing: str = "trailing", eta: float = 0.0,
@@ -308,14 +313,6 @@ class Sampler:
     @property
     def num_cached_graphs(self) -> int:
         return sum(1 for r in self._runners.values() if getattr(r, "graph", None) is not None)
-
-    # ---- interop ----------------------------------------------------------------------
-    @classmethod
-    def from_diffusers(cls, scheduler_or_config, model, steps: int, **overrides) -> "Sampler":
-        """A Sampler equivalent to a diffusers scheduler (see fastdiff.integrations.diffusers)."""
-        from .integrations.diffusers import sampler_from_diffusers
-
-        return sampler_from_diffusers(scheduler_or_config, model, steps=steps, **overrides)
 
 
 def _batched_kwargs(cond, uncond, cfg, B, device) -> dict:

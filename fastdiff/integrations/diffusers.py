@@ -43,6 +43,11 @@ SCHEDULE_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedu
                    "rescale_betas_zero_snr")
 
 
+def _from_diffusers(cls, scheduler_or_config, model, steps: int, **overrides) -> Sampler:
+    """A Sampler equivalent to a diffusers scheduler (see fastdiff.integrations.diffusers)."""
+    return sampler_from_diffusers(scheduler_or_config, model, steps=steps, **overrides)
+
+
 def sampler_from_diffusers(scheduler_or_config, model, steps: int, **overrides) -> Sampler:
     """A Sampler that computes what `scheduler` does in diffusers' loop with `steps` steps.
 
@@ -452,3 +457,6 @@ class AcceleratedPipeline:
         if not return_dict:
             return image, nsfw
         return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=nsfw)
+
+
+Sampler.from_diffusers = classmethod(_from_diffusers)  # public; the sampler layer cannot import this one
