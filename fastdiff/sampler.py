@@ -40,12 +40,16 @@ SOLVER_KEYWORDS = ("eta", "variance", "solver_order", "lower_order_final", "use_
 _CLIPPED_OUTPUT_ALWAYS = ("use_clipped_model_output", True)
 
 
+def _default(name: str):
+    """The default of the Sampler keyword `name` (one source: the signature)."""
+    return inspect.signature(Sampler.__init__).parameters[name].default
+
+
 def _solver_options(solver: str, spacing: str, given: dict) -> dict:
     """The keywords for `solver`'s table builder; a non-default option it does not use is an error."""
     takes = solver_options(solver)
-    defaults = inspect.signature(Sampler.__init__).parameters
     for name, value in given.items():
-        if name not in takes and value != defaults[name].default and (name, value) != _CLIPPED_OUTPUT_ALWAYS:
+        if name not in takes and value != _default(name) and (name, value) != _CLIPPED_OUTPUT_ALWAYS:
             raise ValueError(f"{name}={value!r} is not an option of solver {solver!r}; "
                              f"its options: {', '.join(takes)}")
     options = {k: v for k, v in given.items() if k in takes}
@@ -125,7 +129,10 @@ class Sampler:
         self._options = _solver_options(solver, spacing, dict(
             eta=eta, variance=variance, solver_order=solver_order, lower_order_final=lower_order_final,
             use_clipped_model_output=use_clipped_model_output))
-        self._corrector = (corrector_steps, snr) if corrector == "langevin" else None
+        if corrector is None and (corrector_steps, snr) != (_default("corrector_steps"), _default("snr")):
+            raise ValueError(f"corrector_steps={corrector_steps!r} and snr={snr!r} set the corrector; "
+                             "they need corrector='langevin'")
+        self.corrector = langevin.Corrector(corrector_steps, snr) if corrector == "langevin" else None
         self.table = self._table(0)
         mdtype, mdevice = _model_dtype_device(model)
         self.device = torch.device(device) if device is not None else (mdevice or torch.device("cpu"))
@@ -143,9 +150,8 @@ class Sampler:
     # ---- what the sampler will do ---------------------------------------------------
     def _table(self, start: int) -> StepTable:
         table = build_table(self.solver, self.grid[start:], self.prediction, **self._options)
-        if self._corrector is not None:
-            steps, snr = self._corrector
-            table = langevin.attach(table, self.schedule, steps=steps, snr=snr)
+        if self.corrector is not None:
+            table = langevin.attach(table, self.schedule, self.corrector)
         return table
 
     @property

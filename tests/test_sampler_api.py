@@ -46,6 +46,8 @@ def test_the_documented_api_runs():
     (dict(backend="cuda"), "unknown backend 'cuda'; allowed: auto, torch, triton"),
     (dict(graph=True), "graph=True needs a CUDA device"),
     (dict(corrector="ald"), "unknown corrector"),
+    (dict(snr=0.3), "snr=0.3 set the corrector; they need corrector='langevin'"),
+    (dict(corrector="langevin", corrector_steps=0), "corrector_steps must be a positive integer, got 0"),
     (dict(compile="max-autotune"), "compile must be True or False, got 'max-autotune'"),
 ])
 def test_constructor_errors_name_the_parameter_and_allowed_values(kwargs, match):
