@@ -11,6 +11,17 @@ from reference_loop import plain_loop
 SCHEDULE = Schedule.linear()
 
 
+class Transformed(torch.nn.Module):
+    """The Gaussian denoiser with `transform(out, t)` applied to its output."""
+
+    def __init__(self, transform):
+        super().__init__()
+        self.inner, self.transform = GaussianDenoiser(SCHEDULE), transform
+
+    def forward(self, x, t):
+        return self.transform(self.inner(x, t), t)
+
+
 @pytest.mark.parametrize("solver", SOLVERS)
 @pytest.mark.parametrize("cfg", [False, True])
 def test_static_buffer_loop_equals_a_plain_loop(solver, cfg):
@@ -118,16 +129,8 @@ def test_graph_cache_bound_holds_on_cuda():
 
 @pytest.mark.cuda
 def test_nonfinite_check_inside_the_graph_reports_the_step():
-    class NaNLate(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = GaussianDenoiser(SCHEDULE)
-
-        def forward(self, x, t):
-            out = self.inner(x, t)
-            return torch.where(t.reshape(-1, 1) < 300, out * float("nan"), out)  # no host branch
-
-    sampler = Sampler(NaNLate().cuda(), SCHEDULE, steps=10, graph=True, device="cuda")
+    nan_late = Transformed(lambda out, t: torch.where(t.reshape(-1, 1) < 300, out * float("nan"), out))  # no host branch
+    sampler = Sampler(nan_late.cuda(), SCHEDULE, steps=10, graph=True, device="cuda")
     for _ in range(2):  # capture, then replay
         with pytest.raises(FloatingPointError, match="non-finite model output at step"):
             sampler.sample(shape=(2, 8), seeds=[0, 1])
@@ -194,21 +197,9 @@ def test_auto_falls_back_to_eager_when_capture_fails(monkeypatch):
         strict.run(*args)
 
 
-class HostRead(torch.nn.Module):
-    """A model with a data-dependent branch: a host read that no CUDA graph can capture."""
-
-    def __init__(self):
-        super().__init__()
-        self.inner = GaussianDenoiser(SCHEDULE)
-
-    def forward(self, x, t):
-        out = self.inner(x, t)
-        return out * 0.5 if out.abs().max().item() > 1e6 else out
-
-
 @pytest.mark.cuda
 def test_auto_runs_a_host_reading_model_eagerly_on_cuda():
-    model = HostRead().cuda()
+    model = Transformed(lambda out, t: out * 0.5 if out.abs().max().item() > 1e6 else out).cuda()  # a host read
     want = Sampler(model, SCHEDULE, steps=4, graph=False, device="cuda").sample(shape=(2, 8), seeds=[0, 1])
     auto = Sampler(model, SCHEDULE, steps=4, device="cuda")
     with pytest.warns(RuntimeWarning, match="could not be captured"):
