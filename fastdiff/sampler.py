@@ -33,8 +33,6 @@ from .solvers.table import StepTable
 
 CORRECTORS = (None, "langevin")
 GRAPH_MODES = ("auto", True, False)
-# Sampler keywords that are solver options: a solver takes those its table builder declares
-SOLVER_KEYWORDS = ("eta", "variance", "solver_order", "lower_order_final", "use_clipped_model_output")
 # Every solver but DDIM steps from the clipped D, which is what use_clipped_model_output=True asks
 # of DDIM; Pretrained.sampler_options() asks it whatever the solver until its callers pass theirs.
 _CLIPPED_OUTPUT_ALWAYS = ("use_clipped_model_output", True)
@@ -299,8 +297,8 @@ class Sampler:
     def _capture_failed(self, error: Exception) -> None:
         self._capture_failure = f"{type(error).__name__}: {error}"
         warnings.warn(f"graph='auto': the sampling loop could not be captured as a CUDA graph "
-                      f"({self._capture_failure.splitlines()[0]}); running it eagerly (graph=False says so "
-                      "up front; graph=True raises instead)", RuntimeWarning, stacklevel=4)
+                      f"({self._capture_failure.splitlines()[0]}); running it eagerly (graph=False "
+                      "skips the attempt; graph=True raises instead)", RuntimeWarning, stacklevel=4)
 
     @property
     def timings(self) -> dict[str, float]:
