@@ -90,3 +90,40 @@ def test_train_cli(tmp_path, capsys):
     assert "2 steps" in capsys.readouterr().out
     assert (tmp_path / "digits.json").exists()
     assert math.isfinite(float((tmp_path / "loss.csv").read_text().splitlines()[-1].split(",")[1]))
+
+
+def test_ema_update_follows_the_recurrence():
+    # e <- d e + (1 - d) p, by hand: from 0 with d = 0.5 and p = 1, 2, 3: 0.5, 1.25, 2.125
+    ema, model = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(ema.weight)
+    for p, want in ((1.0, 0.5), (2.0, 1.25), (3.0, 2.125)):
+        torch.nn.init.constant_(model.weight, p)
+        train_module.ema_update(ema, model, 0.5)
+        assert ema.weight.item() == want
+
+
+def test_training_ships_the_ema_of_the_weight_sequence(tmp_path, monkeypatch):
+    # The weights after each optimizer step are the known sequence; what ships must be their EMA
+    # with the warmed-up decay min(ema_decay, (1 + k) / (10 + k)) at step k (0.1, 0.15, 0.15, 0.15
+    # for ema_decay 0.15), starting from the initial weights, and digits.json records the decay.
+    snapshots, initial = [], []
+    real_update = train_module.ema_update
+
+    def spy(ema, model, decay):
+        if not initial:
+            initial.extend(e.detach().clone() for e in ema.parameters())
+        snapshots.append([p.detach().clone() for p in model.parameters()])
+        real_update(ema, model, decay)
+
+    monkeypatch.setattr(train_module, "ema_update", spy)
+    steps, decay = 4, 0.15
+    result = train(TrainConfig(**{**TINY, "steps": steps, "ema_decay": decay}), tmp_path, progress=False)
+    assert len(snapshots) == steps
+    want = [e.double() for e in initial]
+    for k, params in enumerate(snapshots):
+        d = min(decay, (1 + k) / (10 + k))
+        want = [d * e + (1 - d) * p.double() for e, p in zip(want, params)]
+    for got, expected in zip(result.model.parameters(), want):
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+    assert not all(torch.equal(a, b) for a, b in zip(result.model.parameters(), snapshots[-1]))  # not the raw model
+    assert load_from_file(tmp_path / "digits.safetensors").metadata["training"]["ema_decay"] == decay

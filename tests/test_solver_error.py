@@ -1,0 +1,84 @@
+"""fastdiff.solver_error on an exact model: Gaussian data, where the probability-flow ODE's
+endpoint is closed form, with and without classifier-free guidance."""
+import math
+
+import pytest
+import torch
+
+from fastdiff import Schedule, rng
+from fastdiff.models.pretrained import Pretrained
+from fastdiff.seeds import as_seeds
+from fastdiff.solver_error import LEVEL, reference_solution, solver_error
+from gaussian_model import GaussianDenoiser, exact_endpoint
+
+SCHEDULE = Schedule.linear()
+MU, S, SHAPE, N = 0.0, 0.5, (1, 2, 3), 5
+# one class (mean MU) and the null class (mean MU + 1, GaussianDenoiser adds the label);
+# an asymmetric data range so that the model's sampler options do not clip D
+METADATA = {"num_classes": 1, "null_class": 1, "image_shape": list(SHAPE), "data_range": [-4.0, 5.0],
+            "prediction": "epsilon"}
+
+
+def loaded():
+    return Pretrained(GaussianDenoiser(SCHEDULE, mu=MU, s=S), SCHEDULE, METADATA)
+
+
+def exact(w: float) -> torch.Tensor:
+    """The guided ODE's endpoint from each seed's noise: eps is affine in the data mean with a
+    slope that does not depend on it, so u + w (c - u) is the denoiser of N(mu_u + w (mu_c - mu_u), S^2)."""
+    x_T = rng.randn(as_seeds(range(N), N, torch.device("cpu")), 0, rng.STREAM_INIT, SHAPE).double()
+    mu_guided = (MU + 1) + w * (MU - (MU + 1))
+    return exact_endpoint(x_T, float(SCHEDULE.alphas_cumprod[-1]), mu=mu_guided, s=S), x_T
+
+
+def textbook_ddim(x_T: torch.Tensor, steps: int, w: float) -> torch.Tensor:
+    """DDIM (Song et al. 2021, eta = 0) on diffusers' trailing timesteps with its t - T//N stride,
+    classifier-free guidance on epsilon; written out step by step."""
+    model, abar, T = GaussianDenoiser(SCHEDULE, mu=MU, s=S), SCHEDULE.alphas_cumprod, 1000
+    x = x_T.float()
+    for t in [round(v) - 1 for v in torch.arange(T, 0, -T / steps).tolist()]:
+        a, prev = float(abar[t]), t - T // steps
+        a_prev = float(abar[prev]) if prev >= 0 else 1.0
+        tt = torch.full((N,), float(t))
+        eps_c = model(x, tt, class_labels=torch.zeros(N)).double()
+        eps_u = model(x, tt, class_labels=torch.ones(N)).double()
+        eps = eps_u + w * (eps_c - eps_u)
+        x0 = (x.double() - math.sqrt(1 - a) * eps) / math.sqrt(a)
+        x = (math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps).float()
+    return x.double()
+
+
+@pytest.mark.parametrize("w", [1.0, 3.0])
+def test_reference_is_the_converged_ode_solution(w):
+    want, _ = exact(w)
+    ref, half = reference_solution(loaded(), torch.zeros(N, dtype=torch.long), list(range(N)), w, 100, N)
+    err_ref = (ref.double() - want).square().mean().sqrt()
+    err_half = (half.double() - want).square().mean().sqrt()
+    assert err_ref < 2e-3 and err_ref < err_half, (err_ref, err_half)
+    # halving bounds the reference's error: |half - ref| >= |ref - exact| for a converging solver
+    assert (half.double() - ref.double()).square().mean().sqrt() > err_ref
+
+
+@pytest.mark.parametrize("w", [1.0, 3.0])
+def test_solver_error_cells_equal_an_independent_computation(w):
+    cells, refs = solver_error(loaded(), solvers=("ddim",), grids=("trailing",), nfes=(4, 8), guidance_scales=(w,),
+                               num_samples=N, reference_steps=100, batch=N)
+    want, x_T = exact(w)
+    assert [(c.solver, c.grid, c.nfe, c.steps) for c in cells] == [("ddim", "trailing", 4, 4), ("ddim", "trailing", 8, 8)]
+    assert len(refs) == 1 and refs[0].guidance == w and refs[0].halving_rmse < 2e-2
+    for cell in cells:
+        x = textbook_ddim(x_T, cell.steps, w)
+        err = float((x - want).square().mean().sqrt())
+        assert err > 0.02  # a few DDIM steps are visibly off the ODE solution ...
+        assert cell.rmse == pytest.approx(err, abs=2e-3)  # ... by what the module reports
+        assert cell.off == pytest.approx(float(((x - want).abs() > LEVEL).double().mean()), abs=0.1)
+    assert cells[1].rmse < cells[0].rmse
+
+
+def test_solver_error_rejects_bad_settings():
+    with pytest.raises(ValueError, match="grid"):
+        solver_error(loaded(), grids=("uniform",), num_samples=1)
+    with pytest.raises(ValueError, match="solver"):
+        solver_error(loaded(), solvers=("rk4",), num_samples=1)
+    with pytest.raises(ValueError, match="reference_steps"):
+        solver_error(loaded(), reference_steps=2, num_samples=1)
