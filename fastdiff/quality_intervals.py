@@ -1,8 +1,8 @@
 """Sample quality per cell with its noise stated: classifier accuracy and Fréchet distance
 (`fastdiff.evaluate`'s Judge and frechet_distance) with bootstrap intervals over samples.
 
-A cell is a solver at a budget of model evaluations on its default grid, optionally with
-sampler options (`dpmpp_2m@20+guidance_rescale=0.7`). Every cell draws the same seeds with
+A cell is a solver at a budget of model evaluations, on its default grid unless the cell names
+one, optionally with sampler options (`dpmpp_2m@20+sigmas=karras+guidance_rescale=0.7`). Every cell draws the same seeds with
 the same labels (seed i gets class i % num_classes), so cells are paired sample by sample:
 
   interval   FD +- 1.96 standard deviations of the FD over bootstrap resamples of the cell's
@@ -33,7 +33,7 @@ from .solver_error import class_samples, make_sampler
 
 BOOTSTRAP = 200
 # Sampler options a cell may set, with their types (the rest of a cell is solver@nfe)
-CELL_OPTIONS = {"guidance_rescale": float, "thresholding": lambda v: v in ("1", "true", "True"),
+CELL_OPTIONS = {"sigmas": str, "spacing": str, "guidance_rescale": float, "thresholding": lambda v: v in ("1", "true", "True"),
                 "dynamic_thresholding_ratio": float, "sample_max_value": float}
 
 
@@ -213,7 +213,7 @@ def main(args: argparse.Namespace) -> int:
         if device.type == "cpu" else torch.cuda.get_device_name(device)
     header = {"model": args.model, "guidance scale": args.guidance_scale,
               "samples per cell": f"{args.num_samples} (seeds 0..{args.num_samples - 1}, seed i gets class i % "
-                                  f"{loaded.num_classes}); each solver on its default grid",
+                                  f"{loaded.num_classes}); each solver on its default grid unless the cell names sigmas or spacing",
               "classifier": f"shipped digits CNN, held-out accuracy {judge.metadata.get('heldout_accuracy')}",
               "device": device_name, "torch": torch.__version__,
               "sampling time": f"{sum(c.seconds for c in cells) / 60:.1f} min (cells drawn in this run: "

@@ -26,7 +26,7 @@ from .noising import noise_to_level
 from .rng import STREAM_INIT
 from .schedules import Schedule
 from .seeds import as_seeds
-from .solvers import STRIDE_PREV, build_table, check_solver, langevin, solver_options
+from .solvers import DEFAULT_SIGMAS, STRIDE_PREV, build_table, check_solver, langevin, solver_options
 from .solvers.base import check_prediction
 from .solvers.ddpm import VARIANCES
 from .solvers.table import StepTable
@@ -73,7 +73,7 @@ class Sampler:
     """
 
     def __init__(self, model, schedule: Schedule, solver: str = "dpmpp_2m", steps: int = 20,
-                 prediction: str = "epsilon", spacing: str = "trailing", eta: float = 0.0,
+                 prediction: str = "epsilon", spacing: str | None = None, eta: float = 0.0,
                  guidance_scale: float | None = None, *, steps_offset: int = 0, sigmas=None,
                  rho: float = 7.0, timesteps=None, variance: str = "fixed_small", solver_order: int = 2,
                  lower_order_final: bool = True, final_alpha_cumprod: float = 1.0, clip_sample: bool = False,
@@ -94,6 +94,9 @@ class Sampler:
         if timesteps is None and not explicit_sigmas and (
                 not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= T):
             raise ValueError(f"steps must be an integer in [1, num_train_timesteps={T}], got {steps!r}")
+        if spacing is None and sigmas is None and timesteps is None:  # no grid named: the solver's default
+            sigmas = DEFAULT_SIGMAS.get(self.solver)
+        spacing = "trailing" if spacing is None else spacing
         if spacing not in SPACINGS:
             raise ValueError(f"unknown spacing {spacing!r}; allowed: {', '.join(SPACINGS)}")
         if isinstance(sigmas, str) and sigmas not in SIGMA_GRIDS:

@@ -315,3 +315,19 @@ def test_property_any_arguments_give_a_sample_or_a_clear_error(solver, predictio
         assert named and len(str(e)) < 300, (str(e), wrong)
         return
     assert x.shape == (batch, 2) and bool(torch.isfinite(x).all())
+
+
+@pytest.mark.parametrize("solver", fastdiff.SOLVERS)
+def test_default_grid_when_none_is_named(solver):
+    from fastdiff.solvers import DEFAULT_SIGMAS, STRIDE_PREV
+
+    named = DEFAULT_SIGMAS.get(solver)
+    want = make_grid(SCHEDULE, 10, sigmas=named, stride_prev=named is None and solver in STRIDE_PREV)
+    got = Sampler(model(), SCHEDULE, solver=solver, steps=10).grid
+    torch.testing.assert_close(got.abar, want.abar, rtol=0, atol=0)
+    torch.testing.assert_close(got.abar_to, want.abar_to, rtol=0, atol=0)
+    # a named grid always wins: spacing alone gives integer timesteps, sigmas alone that sigma grid
+    trailing = Sampler(model(), SCHEDULE, solver=solver, steps=10, spacing="trailing")
+    assert trailing.timesteps[0].item() == 999 and trailing.grid.t.frac().eq(0).all()
+    karras = Sampler(model(), SCHEDULE, solver=solver, steps=10, sigmas="karras").grid
+    torch.testing.assert_close(karras.sigma, make_grid(SCHEDULE, 10, sigmas="karras").sigma, rtol=0, atol=0)

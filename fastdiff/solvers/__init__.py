@@ -32,6 +32,10 @@ BUILDERS = {
 SOLVERS = tuple(BUILDERS)
 # diffusers' DDIM steps to t - T//N rather than to the next listed timestep (its DDPM does not)
 STRIDE_PREV = ("ddim",)
+# The grid a solver walks when the caller names none (no spacing, sigmas or timesteps): a named
+# sigma grid, else trailing spacing. Chosen by solver error at equal model evaluations
+# (benchmarks/results/solver-error-digits.md); the stochastic solvers keep trailing spacing.
+DEFAULT_SIGMAS = {"dpmpp_2m": "exponential", "unipc": "exponential", "heun": "karras"}
 
 
 def check_solver(solver: str) -> str:
@@ -57,4 +61,4 @@ def build_table(solver: str, grid: Grid, prediction: str, **options) -> StepTabl
     return BUILDERS[solver](grid, prediction, **options).build()
 
 
-__all__ = ["BUILDERS", "SOLVERS", "STRIDE_PREV", "StepTable", "build_table", "check_solver", "solver_options"]
+__all__ = ["BUILDERS", "DEFAULT_SIGMAS", "SOLVERS", "STRIDE_PREV", "StepTable", "build_table", "check_solver", "solver_options"]
