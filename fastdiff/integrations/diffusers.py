@@ -15,8 +15,8 @@ its timesteps (and, for sigma-based schedulers, its sigmas), so every spacing an
 option diffusers has (karras, exponential, beta, lu lambdas, final_sigmas_type, steps_offset,
 lambda_min_clipped...) is reproduced exactly; DDIM keeps its t - T//N stride natively.
 The math options map to Sampler options; any option fastdiff cannot reproduce raises
-NotImplementedError naming it; we never silently give different images. The betas are
-rebuilt in float64 from the config. diffusers is imported lazily: the core never needs it.
+NotImplementedError naming it; we never silently give different images. The schedule is the
+scheduler's own alphas_cumprod (float32, as its step() reads it), held in float64. diffusers is imported lazily: the core never needs it.
 """
 from __future__ import annotations
 
@@ -90,24 +90,17 @@ def _fresh_scheduler(scheduler_or_config, overrides: dict):
 
 
 def schedule_from_config(scheduler) -> Schedule:
-    """The scheduler's betas as a float64 Schedule (diffusers builds them in float32)."""
+    """The scheduler's own alphas_cumprod as a float64 Schedule: exactly the float32 values its
+    step() reads (betas, trained betas and the zero-terminal-SNR rescale all computed as diffusers
+    does; rebuilding them in float64 differs by up to 3e-4 at T = 100)."""
     c = scheduler.config
-    T = c.num_train_timesteps
-    if c.get("trained_betas") is not None:
-        schedule = Schedule.from_betas(c.trained_betas, name="trained")
-    elif c.beta_schedule == "linear":
-        schedule = Schedule.linear(T, c.beta_start, c.beta_end)
-    elif c.beta_schedule == "scaled_linear":
-        schedule = Schedule.scaled_linear(T, c.beta_start, c.beta_end)
-    elif c.beta_schedule == "squaredcos_cap_v2":
-        schedule = Schedule.cosine(T)
-    else:  # e.g. DDPM's "sigmoid", Heun's "exp": exactly diffusers' float32 betas (rescaled if asked)
-        return Schedule.from_betas(scheduler.betas.double(), name=c.beta_schedule)
+    name = "trained" if c.get("trained_betas") is not None else c.beta_schedule
+    abar = scheduler.alphas_cumprod.double().cpu().clone()
     if c.get("rescale_betas_zero_snr", False):
-        # sigma-based schedulers floor the last alphas_cumprod at 2^-24 (sigma_max = 4096); that
-        # floor lives in the sigmas they list, which fastdiff walks as given
-        schedule = schedule.rescale_zero_terminal_snr()
-    return schedule
+        # the rescale ends at exactly 0; sigma-based schedulers then floor it at 2^-24 (sigma_max =
+        # 4096), which lives in the sigmas they list and fastdiff walks as given
+        abar[-1] = 0.0
+    return Schedule.from_alphas_cumprod(abar, name=name)
 
 
 def _unsupported(scheduler, field: str, value, why: str = ""):
@@ -161,7 +154,7 @@ def _ddpm(s, c, N, step_kw, schedule):
     if c.variance_type not in variance:  # fixed_small_log draws the same std as fixed_small
         _unsupported(s, "variance_type", c.variance_type, "learned variances need the model's variance output")
     # diffusers' DDPM steps to the next listed timestep, so the grid is its timesteps as listed
-    return dict(solver="ddpm", prediction=c.prediction_type, timesteps=s.timesteps.double(),
+    return dict(solver="ddpm", prediction=c.prediction_type, timesteps=s.timesteps.double(), final_units="model",
                 variance=variance[c.variance_type], **_thresholds(c)), (
         "variance_type", "prediction_type", "clip_sample", "clip_sample_range", "thresholding",
         "dynamic_thresholding_ratio", "sample_max_value")
@@ -172,7 +165,7 @@ def _ddim(s, c, N, step_kw, schedule):
     th = _thresholds(c)
     final = 1.0 if c.set_alpha_to_one else float(schedule.alphas_cumprod[0])
     # native grid: fastdiff reproduces DDIM's t - T//N stride; _check_grid compares timesteps
-    return dict(solver="ddim", prediction=c.prediction_type, spacing=c.timestep_spacing,
+    return dict(solver="ddim", prediction=c.prediction_type, spacing=c.timestep_spacing, final_units="model",
                 steps_offset=c.steps_offset, final_alpha_cumprod=final, eta=float(kw["eta"]),
                 use_clipped_model_output=bool(kw["use_clipped_model_output"]), **th), (
         "set_alpha_to_one", "prediction_type", "clip_sample", "clip_sample_range", "thresholding",
@@ -218,6 +211,7 @@ def _dpm(s, c, N, step_kw, schedule):
     if c.euler_at_final and not last_first_order:
         _unsupported(s, "euler_at_final", True)
     return dict(solver=solvers[c.algorithm_type], prediction=c.prediction_type, solver_order=c.solver_order,
+                final_units="model",
                 lower_order_final=c.lower_order_final, **_explicit_grid(s.timesteps, s.sigmas), **_thresholds(c)), (
         "algorithm_type", "solver_order", "solver_type", "variance_type", "use_flow_sigmas", "prediction_type",
         "lower_order_final", "euler_at_final", "thresholding", "dynamic_thresholding_ratio", "sample_max_value",
@@ -241,7 +235,7 @@ def _unipc(s, c, N, step_kw, schedule):
     if not c.lower_order_final and c.solver_order == 2 and float(s.sigmas[-1]) == 0:
         # diffusers' second-order predictor onto sigma = 0 divides by h = inf and returns non-finite values
         _unsupported(s, "lower_order_final", False, "with final_sigmas_type='zero' diffusers' last step is undefined")
-    return dict(solver="unipc", prediction=c.prediction_type, solver_order=c.solver_order,
+    return dict(solver="unipc", prediction=c.prediction_type, solver_order=c.solver_order, final_units="model",
                 lower_order_final=c.lower_order_final, **_explicit_grid(s.timesteps, s.sigmas), **_thresholds(c)), (
         "solver_type", "solver_order", "predict_x0", "disable_corrector", "solver_p", "use_flow_sigmas",
         "prediction_type", "lower_order_final", "thresholding", "dynamic_thresholding_ratio", "sample_max_value",
