@@ -113,8 +113,9 @@ def explicit_grid(schedule, sigmas, timesteps=None) -> Grid:
         t = torch.as_tensor(timesteps, dtype=F64).flatten()
         if t.numel() != s.numel() - 1:
             raise ValueError(f"timesteps must have len(sigmas) - 1 = {s.numel() - 1} entries, got {t.numel()}")
-        if bool((t[1:] > t[:-1]).any()) or bool((t < 0).any() or (t > T - 1).any()):
-            raise ValueError(f"timesteps must be non-increasing and lie in [0, {T - 1}]")
+        top = T if flow else T - 1  # a flow model sees t = s * T, up to T at pure noise
+        if bool((t[1:] > t[:-1]).any()) or bool((t < 0).any() or (t > top).any()):
+            raise ValueError(f"timesteps must be non-increasing and lie in [0, {top}]")
     abar_all = flow_level(s) if flow else 1.0 / (1.0 + s**2)  # sigma = inf (zero SNR) gives abar = 0
     return Grid(t, abar_all[:-1], abar_all[1:], _t_final(schedule, float(abar_all[-1])), schedule.process)
 

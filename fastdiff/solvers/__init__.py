@@ -8,6 +8,7 @@
     dpmpp_2m         dpmpp.py   Lu et al. 2022, DPM-Solver++(2M)
     dpmpp_2m_sde     dpmpp.py   SDE-DPM-Solver++(2M)
     unipc            unipc.py   Zhao et al. 2023, UniPC bh2, order 2, with corrector
+    renoise          renoise.py Song et al. 2023 (consistency models), Alg. 1: denoise, draw the next level
     + langevin.py: Song et al. 2021's Langevin corrector after any of them.
 
 Every table ends in one convention (build_table): when the last level lies above the data,
@@ -18,7 +19,7 @@ schedulers return; the Euler family's diffusers schedulers return data units).
 from __future__ import annotations
 
 from ..grids import Grid
-from . import ddim, ddpm, dpmpp, euler, unipc
+from . import ddim, ddpm, dpmpp, euler, renoise, unipc
 from .base import check_prediction, input_scale, process_coefficients
 from .table import StepTable
 
@@ -31,14 +32,15 @@ BUILDERS = {
     "dpmpp_2m": dpmpp.build_2m,
     "dpmpp_2m_sde": dpmpp.build_2m_sde,
     "unipc": unipc.build,
+    "renoise": renoise.build,
 }
 SOLVERS = tuple(BUILDERS)
-STOCHASTIC = ("ddpm", "euler_ancestral", "dpmpp_2m_sde")  # ddim too when eta > 0
+STOCHASTIC = ("ddpm", "euler_ancestral", "dpmpp_2m_sde", "renoise")  # ddim too when eta > 0
 # diffusers' DDIM steps to t - T//N rather than to the next listed timestep (its DDPM does not)
 STRIDE_PREV = ("ddim",)
 # on a flow-matching process: every solver whose math needs only the levels. ddpm is refused:
 # its variances are the VP training betas between integer timesteps, which a flow process lacks.
-FLOW_SOLVERS = ("ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
+FLOW_SOLVERS = ("ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "renoise")
 FINAL_UNITS = ("data", "model")
 
 
