@@ -25,6 +25,7 @@ class TorchExecutor:
         self.point = table.point.tolist() if table.point is not None else None
         self.d_point, self.d_out, self.c_in = table.d_point.tolist(), table.d_out.tolist(), table.c_in.tolist()
         self.layout = history_slots(table)
+        self.push_row = table.push_row.tolist() if table.push_row is not None else None
         self.noisy = table.uses_noise().tolist()
 
     def guided(self, r: int, out: torch.Tensor) -> torch.Tensor:
@@ -52,7 +53,7 @@ class TorchExecutor:
         x_next = _affine(self.state[r], values)
         p_next = _affine(self.point[r], values) if self.point is not None else x_next
         if dest is not None:
-            b.history[dest].copy_(D)
+            b.history[dest].copy_(D if self.push_row is None else _affine(self.push_row[r], values))
         b.x.copy_(x_next)
         if self.point is not None:
             b.point.copy_(p_next)

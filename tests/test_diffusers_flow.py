@@ -11,27 +11,12 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 from fastdiff import Sampler  # noqa: E402
+from conv_model import TinyConvNet  # noqa: E402
 from gaussian_model import FlowGaussianDenoiser  # noqa: E402
 from test_diffusers_equivalence import fastdiff_noise, rel_err  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:diffusers.*", "ignore::FutureWarning:diffusers.*")
 RTOL = 2e-4
-
-
-class TinyConvNet(torch.nn.Module):
-    """A random conv net whose output depends on x and on t (a stand-in for a transformer)."""
-
-    def __init__(self, channels=2, seed=0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.conv = torch.nn.Conv2d(channels, channels, 3, padding=1)
-        with torch.no_grad():
-            for p in self.conv.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-
-    def forward(self, x, t):
-        t = torch.as_tensor(t, dtype=torch.float32).reshape(-1, 1, 1, 1) / 1000
-        return self.conv(x) * (1 + t) + torch.sin(3 * t) * x
 
 
 def diffusers_loop(scheduler, model, noise, steps, mu=None):

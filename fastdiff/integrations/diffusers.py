@@ -11,6 +11,7 @@ A scheduler maps to a solver (checked against diffusers 0.42.1):
     DPMSolverMultistepScheduler       dpmpp_2m (dpmsolver++) / dpmpp_2m_sde (sde-dpmsolver++)
     FlowMatchEulerDiscreteScheduler   euler (flow; stochastic_sampling: renoise)
     FlowMatchHeunDiscreteScheduler    heun (flow)
+    PNDMScheduler                     plms (skip_prk_steps=True)  LMSDiscreteScheduler  lms (order from step())
 DPMSolverMultistep and UniPCMultistep with use_flow_sigmas run on a flow-matching schedule too.
 
 The grid is the scheduler's own: a fresh copy of it runs set_timesteps(N) and fastdiff walks
@@ -36,7 +37,7 @@ from ..schedules import Schedule
 RUNTIME_OPTIONS = ("guidance_scale", "guidance_rescale", "classifier", "classifier_scale", "corrector",
                    "corrector_steps", "snr", "backend", "graph", "compile", "max_graphs", "device", "dtype")
 # Keywords of diffusers' scheduler.step() that a caller may pass (as pipelines do).
-STEP_OPTIONS = ("eta", "use_clipped_model_output", "s_churn", "s_tmin", "s_tmax", "s_noise")
+STEP_OPTIONS = ("eta", "use_clipped_model_output", "s_churn", "s_tmin", "s_tmax", "s_noise", "order")
 # Config fields that only shape set_timesteps' grid, which fastdiff takes from diffusers as is.
 GRID_FIELDS = ("timestep_spacing", "steps_offset", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
                "sigma_min", "sigma_max", "interpolation_type", "final_sigmas_type", "lambda_min_clipped",
@@ -272,6 +273,34 @@ def _prediction(s, c) -> str:
     return c.prediction_type
 
 
+def _pndm(s, c, N, step_kw, schedule):
+    _step_kw(s, step_kw, {})
+    if not c.skip_prk_steps:
+        _unsupported(s, "skip_prk_steps", False, "the Runge-Kutta warm-up (4 evaluations per step for 3 steps) is "
+                     "not implemented; Stable Diffusion 1.x configs set skip_prk_steps=True")
+    if c.prediction_type not in ("epsilon", "v_prediction"):
+        _unsupported(s, "prediction_type", c.prediction_type)
+    stride = c.num_train_timesteps // N
+    ts = s.timesteps.tolist()
+    if N >= 2 and ts[1] + stride != ts[0]:
+        # diffusers' second evaluation re-steps x0 from t1 + T//N, not from t0 where x0 lies
+        _unsupported(s, "timestep_spacing", c.timestep_spacing, f"with {N} steps its first PLMS step starts at "
+                     f"t = {ts[1] + stride} while the sample is at t = {ts[0]}; 'leading' always works")
+    final = 1.0 if c.set_alpha_to_one else float(schedule.alphas_cumprod[0])
+    # native grid with DDIM's t - T//N stride (STRIDE_PREV); _check_grid compares the N + 1 timesteps
+    return dict(solver="plms", prediction=c.prediction_type, spacing=c.timestep_spacing, steps_offset=c.steps_offset,
+                final_alpha_cumprod=final, final_units="model"), (
+        "skip_prk_steps", "set_alpha_to_one", "prediction_type")
+
+
+def _lms(s, c, N, step_kw, schedule):
+    kw = _step_kw(s, step_kw, {"order": 4})
+    if kw["order"] not in (1, 2, 3, 4):
+        raise ValueError(f"LMSDiscreteScheduler.step() order must be 1-4 for fastdiff, got {kw['order']!r}")
+    return dict(solver="lms", prediction=c.prediction_type, spacing=c.timestep_spacing, solver_order=kw["order"],
+                **_explicit_grid(s.timesteps, s.sigmas)), ("prediction_type",)
+
+
 FLOW_GRID_FIELDS = ("shift", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len",
                     "max_image_seq_len", "shift_terminal", "time_shift_type")  # shape the listed grid only
 
@@ -303,6 +332,8 @@ TRANSLATORS = {
     "UniPCMultistepScheduler": _unipc,
     "FlowMatchEulerDiscreteScheduler": _flow_match_euler,
     "FlowMatchHeunDiscreteScheduler": _flow_match_heun,
+    "PNDMScheduler": _pndm,
+    "LMSDiscreteScheduler": _lms,
 }
 
 

@@ -9,6 +9,8 @@
     dpmpp_2m_sde     dpmpp.py   SDE-DPM-Solver++(2M)
     unipc            unipc.py   Zhao et al. 2023, UniPC bh2, order 2, with corrector
     renoise          renoise.py Song et al. 2023 (consistency models), Alg. 1: denoise, draw the next level
+    plms             plms.py    Liu et al. 2022, PNDM's pseudo linear multistep (skip_prk_steps)
+    lms              lms.py     linear multistep on the VE ODE, order <= 4 (k-diffusion's sample_lms)
     + langevin.py: Song et al. 2021's Langevin corrector after any of them.
 
 Every table ends in one convention (build_table): when the last level lies above the data,
@@ -19,7 +21,7 @@ schedulers return; the Euler family's diffusers schedulers return data units).
 from __future__ import annotations
 
 from ..grids import Grid
-from . import ddim, ddpm, dpmpp, euler, renoise, unipc
+from . import ddim, ddpm, dpmpp, euler, lms, plms, renoise, unipc
 from .base import check_prediction, input_scale, process_coefficients
 from .table import StepTable
 
@@ -33,14 +35,16 @@ BUILDERS = {
     "dpmpp_2m_sde": dpmpp.build_2m_sde,
     "unipc": unipc.build,
     "renoise": renoise.build,
+    "plms": plms.build,
+    "lms": lms.build,
 }
 SOLVERS = tuple(BUILDERS)
 STOCHASTIC = ("ddpm", "euler_ancestral", "dpmpp_2m_sde", "renoise")  # ddim too when eta > 0
 # diffusers' DDIM steps to t - T//N rather than to the next listed timestep (its DDPM does not)
-STRIDE_PREV = ("ddim",)
+STRIDE_PREV = ("ddim", "plms")  # PNDM's PLMS too
 # on a flow-matching process: every solver whose math needs only the levels. ddpm is refused:
 # its variances are the VP training betas between integer timesteps, which a flow process lacks.
-FLOW_SOLVERS = ("ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "renoise")
+FLOW_SOLVERS = ("ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "renoise", "lms")
 FINAL_UNITS = ("data", "model")
 
 
@@ -66,6 +70,10 @@ def build_table(solver: str, grid: Grid, prediction: str, *, final_units: str = 
         check_flow_solver(solver)
     if final_units not in FINAL_UNITS:
         raise ValueError(f"unknown final_units {final_units!r}; allowed: {', '.join(FINAL_UNITS)}")
+    import inspect  # TEMPORARY until main's per-solver options land (merge takes main's check)
+
+    takes = inspect.signature(BUILDERS[solver]).parameters
+    options = {k: v for k, v in options.items() if k in takes}
     return _in_final_units(BUILDERS[solver](grid, prediction, **options).build(), grid, final_units)
 
 

@@ -108,7 +108,8 @@ class TableBuilder:
     rows: list = field(default_factory=list)
 
     def add(self, t: float, abar: float, state: list[float], point: list[float] | None = None,
-            push: bool = False, ends_step: bool = True) -> None:
+            push: bool | list[float] = False, ends_step: bool = True) -> None:
+        """One row; `push`: True pushes D, a row over the COLUMNS pushes that combination."""
         c_in, d_point, d_out = conversion(self.prediction, self.space, abar, self.process)
         sigma_ve = math.sqrt((1 - abar) / abar) if abar > 0 else math.inf
         if point is not None and not self.separate_point:
@@ -116,17 +117,26 @@ class TableBuilder:
         self.rows.append((t, sigma_ve, c_in, d_point, d_out, state, point if point is not None else state, push,
                           ends_step))
 
+    def conversion(self, abar: float) -> tuple[float, float, float]:
+        """(c_in, d_point, d_out) of a row at level abar (as add() computes them)."""
+        return conversion(self.prediction, self.space, abar, self.process)
+
     def build(self, **meta) -> StepTable:
         if not self.rows:
             raise AssertionError("a table needs at least one row")
         assert 0 <= self.history_len <= MAX_HISTORY
         col = list(zip(*self.rows))
         f = lambda i: torch.tensor(col[i], dtype=F64)  # noqa: E731
+        pushes = col[7]
+        push_row = None
+        if any(not isinstance(p, bool) for p in pushes):  # some row pushes a combination other than D
+            push_row = torch.tensor([p if not isinstance(p, bool) else vec(D=1) for p in pushes], dtype=F64)
         return StepTable(
             solver=self.solver, space=self.space, t_model=f(0), sigma=f(1), c_in=f(2), d_point=f(3),
             d_out=f(4), state=torch.tensor(col[5], dtype=F64),
             point=torch.tensor(col[6], dtype=F64) if self.separate_point else None,
-            push=torch.tensor(col[7], dtype=torch.bool), init_noise_sigma=float(self.init_noise_sigma),
+            push=torch.tensor([not isinstance(p, bool) or p for p in pushes], dtype=torch.bool),
+            init_noise_sigma=float(self.init_noise_sigma), push_row=push_row,
             history_len=self.history_len, ends_step=torch.tensor(col[8], dtype=torch.bool), meta=dict(meta),
         )
 
