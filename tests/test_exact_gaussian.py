@@ -2,11 +2,13 @@
 import pytest
 import torch
 
-from fastdiff import Sampler, Schedule
+from fastdiff import SOLVERS, Sampler, Schedule, make_grid
+from fastdiff.solvers import build_table
 from gaussian_model import GaussianDenoiser, exact_endpoint
 
-DETERMINISTIC = ["ddim", "euler", "heun", "dpmpp_2m", "unipc"]
 SCHEDULE = Schedule.linear()
+# every registered solver whose table draws no noise with its default options
+DETERMINISTIC = [s for s in SOLVERS if not build_table(s, make_grid(SCHEDULE, 4), "epsilon").uses_noise().any()]
 
 
 def endpoint_error(solver, steps, prediction="epsilon", spacing="trailing", **kw):
@@ -24,7 +26,10 @@ def endpoint_error(solver, steps, prediction="epsilon", spacing="trailing", **kw
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("solver", DETERMINISTIC)
 def test_deterministic_solvers_converge_to_the_exact_endpoint(solver, prediction):
-    errors = [endpoint_error(solver, n, prediction) for n in (10, 40, 160)]
+    # plms steps to t - T//N as diffusers' PNDM (STRIDE_PREV): on a trailing grid with T/N not an
+    # integer that lands off the levels its multistep weights assume, so it is held to its own grid
+    spacing = "leading" if solver == "plms" else "trailing"
+    errors = [endpoint_error(solver, n, prediction, spacing) for n in (10, 40, 160)]
     assert errors[0] > errors[1] > errors[2], errors
     assert errors[2] < errors[0] / 8 and errors[2] < 0.05, errors
 
@@ -56,7 +61,7 @@ def test_stochastic_solvers_reproduce_the_data_distribution(solver, steps, kw):
     x = sampler.sample(shape=(500, 64), seeds=range(500)).double()
     mean, std = x.mean().item(), x.std().item()
     # 32000 values: standard errors ~0.003 (mean) and ~0.002 (std). Ancestral samplers
-    # carry a finite-step bias (DESIGN.md), hence the step counts above.
+    # carry a finite-step bias (docs/architecture.md), hence the step counts above.
     assert abs(mean - 0.7) < 0.02, mean
     assert abs(std - 0.5) < 0.03, std
 

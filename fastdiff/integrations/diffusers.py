@@ -32,6 +32,7 @@ import torch
 
 from ..sampler import Sampler
 from ..schedules import Schedule
+from ..solvers.dpmpp import final_step_first_order
 
 # Sampler options that do not change what a scheduler computes; they pass through.
 RUNTIME_OPTIONS = ("guidance_scale", "guidance_rescale", "classifier", "classifier_scale", "corrector",
@@ -47,6 +48,11 @@ SCHEDULE_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedu
 # Keywords of set_timesteps() a caller may pass: the resolution-dependent shift of flow schedulers.
 SET_TIMESTEPS_OPTIONS = ("mu",)
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
+
+
+def _from_diffusers(cls, scheduler_or_config, model, steps: int, **overrides) -> Sampler:
+    """A Sampler equivalent to a diffusers scheduler (see fastdiff.integrations.diffusers)."""
+    return sampler_from_diffusers(scheduler_or_config, model, steps=steps, **overrides)
 
 
 def sampler_from_diffusers(scheduler_or_config, model, steps: int, **overrides) -> Sampler:
@@ -226,7 +232,7 @@ def _dpm(s, c, N, step_kw, schedule):
     if c.variance_type is not None:
         _unsupported(s, "variance_type", c.variance_type)
     prediction = _prediction(s, c)
-    last_first_order = c.final_sigmas_type == "zero" or (c.lower_order_final and N < 15) or c.solver_order == 1
+    last_first_order = c.final_sigmas_type == "zero" or final_step_first_order(N, c.lower_order_final) or c.solver_order == 1
     if c.euler_at_final and not last_first_order:
         _unsupported(s, "euler_at_final", True)
     return dict(solver=solvers[c.algorithm_type], prediction=prediction, solver_order=c.solver_order,
@@ -532,3 +538,6 @@ class AcceleratedPipeline:
         if not return_dict:
             return image, nsfw
         return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=nsfw)
+
+
+Sampler.from_diffusers = classmethod(_from_diffusers)  # public; the sampler layer cannot import this one

@@ -20,6 +20,8 @@ schedulers return; the Euler family's diffusers schedulers return data units).
 """
 from __future__ import annotations
 
+import inspect
+
 from ..grids import Grid
 from . import ddim, ddpm, dpmpp, euler, lms, plms, renoise, unipc
 from .base import check_prediction, input_scale, process_coefficients
@@ -39,7 +41,6 @@ BUILDERS = {
     "lms": lms.build,
 }
 SOLVERS = tuple(BUILDERS)
-STOCHASTIC = ("ddpm", "euler_ancestral", "dpmpp_2m_sde", "renoise")  # ddim too when eta > 0
 # diffusers' DDIM steps to t - T//N rather than to the next listed timestep (its DDPM does not)
 STRIDE_PREV = ("ddim", "plms")  # PNDM's PLMS too
 # on a flow-matching process: every solver whose math needs only the levels. ddpm is refused:
@@ -58,22 +59,28 @@ def check_flow_solver(solver: str) -> str:
     if solver not in FLOW_SOLVERS:
         raise ValueError(f"solver {solver!r} is not defined on a flow-matching schedule: its variances are the VP "
                          f"training betas between integer timesteps; allowed: {', '.join(FLOW_SOLVERS)} "
-                         "(euler_ancestral and dpmpp_2m_sde are the stochastic ones)")
+                         "(euler_ancestral, dpmpp_2m_sde and renoise are the stochastic ones)")
     return solver
+
+
+def solver_options(solver: str) -> tuple[str, ...]:
+    """The options `solver` takes: its table builder's keyword-only parameters."""
+    params = inspect.signature(BUILDERS[check_solver(solver)]).parameters.values()
+    return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY)
 
 
 def build_table(solver: str, grid: Grid, prediction: str, *, final_units: str = "data", **options) -> StepTable:
     """Compile `solver` on `grid` into a StepTable (float64); see the module docstring for final_units."""
-    check_solver(solver)
+    takes = solver_options(solver)
+    for name in options:
+        if name not in takes:
+            raise ValueError(f"solver {solver!r} does not use the option {name!r}; "
+                             f"its options: {', '.join(takes) or 'none'}")
     check_prediction(prediction, grid.process)
     if grid.process == "flow":
         check_flow_solver(solver)
     if final_units not in FINAL_UNITS:
         raise ValueError(f"unknown final_units {final_units!r}; allowed: {', '.join(FINAL_UNITS)}")
-    import inspect  # TEMPORARY until main's per-solver options land (merge takes main's check)
-
-    takes = inspect.signature(BUILDERS[solver]).parameters
-    options = {k: v for k, v in options.items() if k in takes}
     return _in_final_units(BUILDERS[solver](grid, prediction, **options).build(), grid, final_units)
 
 
@@ -100,4 +107,5 @@ def _in_final_units(table: StepTable, grid: Grid, final_units: str) -> StepTable
     return table.with_(**changes) if changes else table
 
 
-__all__ = ["BUILDERS", "SOLVERS", "STOCHASTIC", "STRIDE_PREV", "StepTable", "build_table", "check_solver"]
+__all__ = ["BUILDERS", "FINAL_UNITS", "FLOW_SOLVERS", "SOLVERS", "STRIDE_PREV", "StepTable", "build_table", "check_flow_solver",
+           "check_solver", "solver_options"]

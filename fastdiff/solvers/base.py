@@ -121,7 +121,7 @@ class TableBuilder:
         """(c_in, d_point, d_out) of a row at level abar (as add() computes them)."""
         return conversion(self.prediction, self.space, abar, self.process)
 
-    def build(self, **meta) -> StepTable:
+    def build(self) -> StepTable:
         if not self.rows:
             raise AssertionError("a table needs at least one row")
         assert 0 <= self.history_len <= MAX_HISTORY
@@ -137,7 +137,7 @@ class TableBuilder:
             point=torch.tensor(col[6], dtype=F64) if self.separate_point else None,
             push=torch.tensor([not isinstance(p, bool) or p for p in pushes], dtype=torch.bool),
             init_noise_sigma=float(self.init_noise_sigma), push_row=push_row,
-            history_len=self.history_len, ends_step=torch.tensor(col[8], dtype=torch.bool), meta=dict(meta),
+            history_len=self.history_len, ends_step=torch.tensor(col[8], dtype=torch.bool),
         )
 
 

@@ -44,7 +44,7 @@ def _sigmas(grid: Grid, solver: str) -> list[tuple[float, float, float, float]]:
     return rows
 
 
-def build_euler(grid: Grid, prediction: str, *, spacing: str = "trailing", **_) -> TableBuilder:
+def build_euler(grid: Grid, prediction: str, *, spacing: str = "trailing") -> TableBuilder:
     rows = _sigmas(grid, "euler")
     tb = TableBuilder("euler", _space(grid), prediction, init_noise_sigma=init_noise_sigma(rows[0][2], spacing),
                       process=grid.process)
@@ -58,7 +58,7 @@ def ancestral_sigmas(s: float, s_to: float) -> tuple[float, float]:
     return math.sqrt(s_to**2 - s_up**2), s_up
 
 
-def build_euler_ancestral(grid: Grid, prediction: str, *, spacing: str = "trailing", **_) -> TableBuilder:
+def build_euler_ancestral(grid: Grid, prediction: str, *, spacing: str = "trailing") -> TableBuilder:
     rows = _sigmas(grid, "euler_ancestral")
     tb = TableBuilder("euler_ancestral", _space(grid), prediction,
                       init_noise_sigma=init_noise_sigma(rows[0][2], spacing), process=grid.process)
@@ -78,7 +78,7 @@ def flow_ancestral(s: float, s_to: float) -> dict:
     return dict(x=s_to**2 * (1 - s) / ((1 - s_to) * s * s), D=(1 - s_to) * (1 - rho), z=s_to * math.sqrt(1 - rho))
 
 
-def build_heun(grid: Grid, prediction: str, *, spacing: str = "trailing", **_) -> TableBuilder:
+def build_heun(grid: Grid, prediction: str, *, spacing: str = "trailing") -> TableBuilder:
     rows = _sigmas(grid, "heun")
     tb = TableBuilder("heun", _space(grid), prediction, init_noise_sigma=init_noise_sigma(rows[0][2], spacing),
                       history_len=1, separate_point=True, process=grid.process)

@@ -7,7 +7,7 @@ as diffusers' PNDMScheduler with skip_prk_steps=True (Stable Diffusion 1.x's sch
     then, with o the newest raw output and o_1, o_2, o_3 earlier ones (o1 is not kept):
         (3 o - o_1) / 2,  (23 o - 16 o_1 + 5 o_2) / 12,  (55 o - 59 o_1 + 37 o_2 - 9 o_3) / 24
 The combined raw output becomes epsilon at the row's level with the current sample (v:
-e = sqrt(a) v + sqrt(1 - a) x), as diffusers does. So the history holds raw model outputs:
+e = sqrt(a) v + sqrt(1 - a) x; sample: e = (x - sqrt(a) x0) / sqrt(1 - a)), as diffusers does. So the history holds raw model outputs:
 each row pushes out = (D_raw - d_point x) / d_out, an affine combination of the row's vector.
 """
 from __future__ import annotations
@@ -32,8 +32,7 @@ def epsilon_of(prediction: str, a: float) -> tuple[float, float]:
         return 0.0, 1.0
     if prediction == "v_prediction":
         return math.sqrt(1 - a), math.sqrt(a)
-    raise ValueError(f"plms combines model outputs as noise estimates: prediction must be 'epsilon' or "
-                     f"'v_prediction', got {prediction!r}")
+    return 1 / math.sqrt(1 - a), -math.sqrt(a) / math.sqrt(1 - a)  # sample: e = (x - sqrt(a) x0) / sqrt(1 - a)
 
 
 def build(grid: Grid, prediction: str) -> TableBuilder:
@@ -41,7 +40,6 @@ def build(grid: Grid, prediction: str) -> TableBuilder:
     tb = TableBuilder("plms", "vp", prediction, history_len=3, separate_point=True, process=grid.process)
     N = grid.steps
     a, a_to, t = grid.abar.tolist(), grid.abar_to.tolist(), grid.t.tolist()
-    epsilon_of(prediction, a[0])  # refuse other predictions early
 
     def raw_output(level: float, point: list[float]) -> list[float]:
         """The model output as a row: out = (D_raw - d_point * point) / d_out."""
