@@ -75,12 +75,13 @@ def _affine(coefs: list[float], values: list) -> torch.Tensor:
 
 
 def packed_coefficients(table: StepTable, device) -> torch.Tensor:
-    """[R, 3 + 2*NCOL] float32: d_point, d_out, c_in of the next row, state row, point row."""
+    """[R, 3 + 3*NCOL] float32: d_point, d_out, c_in of the next row, state row, point row, push row."""
     R = table.rows
     c_in_next = torch.cat([table.c_in[1:], table.c_in.new_zeros(1)])
     point = table.point if table.point is not None else table.state
-    packed = torch.cat([table.d_point[:, None], table.d_out[:, None], c_in_next[:, None], table.state, point], dim=1)
-    assert packed.shape == (R, 3 + 2 * NCOL)
+    packed = torch.cat([table.d_point[:, None], table.d_out[:, None], c_in_next[:, None], table.state, point,
+                        table.push_rows()], dim=1)
+    assert packed.shape == (R, 3 + 3 * NCOL)
     return packed.to(device=device, dtype=torch.float32)
 
 

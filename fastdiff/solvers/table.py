@@ -74,6 +74,14 @@ class StepTable:
             used |= self.point[:, Z] != 0
         return used
 
+    def push_rows(self) -> torch.Tensor:
+        """[R, NCOL]: the pushed combination of every row (e_D where the table has no push_row)."""
+        if self.push_row is not None:
+            return self.push_row
+        rows = torch.zeros(self.rows, NCOL, dtype=torch.float64)
+        rows[:, D] = 1.0
+        return rows
+
     def with_(self, **changes) -> "StepTable":
         return replace(self, **changes)
 
