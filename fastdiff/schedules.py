@@ -229,7 +229,8 @@ class FlowSchedule:
             raise ValueError(f"a linear time shift needs mu > 0, got {mu}")
         if shift_terminal is not None and not 0 < shift_terminal < 1:
             raise ValueError(f"shift_terminal must be in (0, 1) or None, got {shift_terminal!r}")
-        self.shift, self.mu, self.time_shift_type, self.shift_terminal = float(shift), mu, time_shift_type, shift_terminal
+        self.shift, self.mu, self.time_shift_type = float(shift), mu, time_shift_type
+        self.shift_terminal = shift_terminal
         self.name = "flow_matching"
         s = torch.arange(T, 0, -1, dtype=F64) / T  # [T] decreasing: s_i = i / T
         self.train_sigmas = s if mu is not None else self._static_shift(s)  # as diffusers' __init__

@@ -50,7 +50,8 @@ def test_heun_on_explicit_sigmas_ending_above_zero_is_k_diffusions():
 
 
 @pytest.mark.parametrize("grid", [dict(final_alpha_cumprod=0.99), dict(sigmas="karras", final_alpha_cumprod=0.99995),
-                                  dict(sigmas=torch.tensor([10.0, 1.0, 0.1]))], ids=["final-abar", "karras", "explicit"])
+                                  dict(sigmas=torch.tensor([10.0, 1.0, 0.1]))],
+                         ids=["final-abar", "karras", "explicit"])
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_every_solver_takes_a_grid_ending_above_zero(solver, grid):
     steps = {} if "sigmas" in grid and not isinstance(grid["sigmas"], str) else dict(steps=6)
@@ -108,3 +109,11 @@ def test_trailing_overshoot_names_spacing_steps_and_a_count_that_works(T, steps,
     with pytest.raises(ValueError, match=rf"spacing='trailing' with steps={steps} .* use steps={fix}"):
         spaced_timesteps(T, steps, "trailing")
     assert len(spaced_timesteps(T, fix, "trailing")) == fix
+
+
+@pytest.mark.parametrize("name", ["DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler"])
+def test_from_diffusers_names_the_trailing_overshoot(name):
+    diffusers = pytest.importorskip("diffusers")
+    scheduler = getattr(diffusers, name)(num_train_timesteps=100, timestep_spacing="trailing")
+    with pytest.raises(ValueError, match=r"spacing='trailing' with steps=29 .* use steps=28"):
+        Sampler.from_diffusers(scheduler, lambda x, t: x, steps=29)

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+import fastdiff
 from fastdiff import Sampler, Schedule
 from gaussian_model import FlowGaussianDenoiser, flow_exact_endpoint
 from reference_loop import plain_loop
@@ -30,7 +31,8 @@ def endpoint_error(solver, steps, prediction="flow", **schedule_kw):
 # the multistep solvers reach theirs from ~40 steps: the first steps span large log-SNR
 # intervals (lambda = -inf at s = 1).
 ORDERS = {"euler": (1, 10, 20, 0.25), "ddim": (1, 10, 20, 0.25), "heun": (2, 10, 20, 0.01),
-          "dpmpp_2m": (2, 40, 80, 0.04), "unipc": (2, 40, 80, 0.04)}
+          "dpmpp_2m": (2, 40, 80, 0.04), "unipc": (2, 40, 80, 0.04),
+          "lms": (2, 10, 20, 0.02)}  # lms (order 4) is held to 2: the floor above caps what 20 steps show
 
 
 @pytest.mark.parametrize("schedule_kw", [dict(shift=1.0), dict(shift=3.0), dict(mu=0.8)], ids=["s1", "s3", "mu"])
@@ -84,7 +86,8 @@ def test_default_grid_is_flow_match_eulers(config, steps):
     torch.testing.assert_close(levels.float(), sch.sigmas, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("solver", ["euler", "heun", "dpmpp_2m", "unipc", "euler_ancestral", "dpmpp_2m_sde"])
+@pytest.mark.parametrize("solver", ["euler", "heun", "dpmpp_2m", "unipc", "euler_ancestral", "dpmpp_2m_sde",
+                                    "renoise", "lms"])
 def test_triton_backend_equals_torch_on_flow_tables(solver, kernel_device):
     schedule = Schedule.flow_matching(shift=3.0)
     model = FlowGaussianDenoiser()
@@ -98,7 +101,8 @@ def test_triton_backend_equals_torch_on_flow_tables(solver, kernel_device):
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(solver="ddpm"), "ddpm"), (dict(spacing="leading"), "spacing"), (dict(corrector="langevin"), "corrector"),
+    (dict(solver="ddpm"), "ddpm"), (dict(solver="plms"), "plms"), (dict(spacing="leading"), "spacing"),
+    (dict(corrector="langevin"), "corrector"),
     (dict(prediction="v_prediction"), "v_prediction"), (dict(prediction="epsilon"), "zero SNR"),
 ])
 def test_flow_refusals_name_the_option(kw, match):
@@ -114,3 +118,26 @@ def test_flow_prediction_needs_a_flow_schedule_and_schedule_options_are_checked(
                       (dict(time_shift_type="cubic"), "time_shift_type"), (dict(shift_terminal=1.5), "shift_terminal")]:
         with pytest.raises(ValueError, match=match):
             Schedule.flow_matching(**kw)
+
+
+def test_add_noise_and_img2img_use_flow_units():
+    schedule = Schedule.flow_matching(shift=3.0)
+    g = torch.Generator().manual_seed(5)
+    x0, noise = torch.randn(3, 2, 4, generator=g), torch.randn(3, 2, 4, generator=g)
+    t = torch.tensor([0.0, 250.0, 900.0])
+    s = (t / 1000).reshape(-1, 1, 1)
+    x_t = fastdiff.add_noise(x0, t, schedule, noise=noise, backend="torch")
+    torch.testing.assert_close(x_t, (1 - s) * x0 + s * noise, rtol=1e-6, atol=1e-6)
+
+    class FirstInput(torch.nn.Module):  # records what the model sees first; predicts v = 0
+        def forward(self, x, t):
+            self.__dict__.setdefault("seen", (x.clone(), t.clone()))
+            return torch.zeros_like(x)
+
+    model = FirstInput()
+    sampler = Sampler(model, schedule, solver="dpmpp_2m", steps=10, prediction="flow")
+    sampler.sample(noise=noise, init=x0, strength=0.5)
+    x_in, t_in = model.seen
+    s0 = float(t_in[0]) / 1000
+    assert math.isclose(s0, float(sampler.grid.flow_sigma[5]), rel_tol=1e-6)
+    torch.testing.assert_close(x_in, (1 - s0) * x0 + s0 * noise, rtol=1e-5, atol=1e-5)

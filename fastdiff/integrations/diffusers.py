@@ -20,7 +20,8 @@ option diffusers has (karras, exponential, beta, lu lambdas, final_sigmas_type, 
 lambda_min_clipped...) is reproduced exactly; DDIM keeps its t - T//N stride natively.
 The math options map to Sampler options; any option fastdiff cannot reproduce raises
 NotImplementedError naming it; we never silently give different images. The schedule is the
-scheduler's own alphas_cumprod (float32, as its step() reads it), held in float64. diffusers is imported lazily: the core never needs it.
+scheduler's own alphas_cumprod (float32, as its step() reads it), held in float64. diffusers is
+imported lazily: the core never needs it.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import math
 
 import torch
 
+from ..grids import spaced_timesteps
 from ..sampler import Sampler
 from ..schedules import Schedule
 from ..solvers.dpmpp import final_step_first_order
@@ -80,6 +82,9 @@ def sampler_from_diffusers(scheduler_or_config, model, steps: int, **overrides) 
         if k not in takes:
             raise ValueError(f"{name}.set_timesteps() takes no {k!r}")
     scheduler.set_timesteps(steps, **grid_kw)
+    if scheduler.config.get("timestep_spacing") == "trailing" and float(scheduler.timesteps.min()) < 0:
+        # diffusers' float arange overshoots for some N and lists t = -1: refuse, naming a count that works
+        spaced_timesteps(scheduler.config.num_train_timesteps, steps, "trailing")
     schedule = schedule_from_config(scheduler)
     options, handled = TRANSLATORS[name](scheduler, scheduler.config, steps, step_kw, schedule)
     _refuse_other_fields(scheduler, handled)
@@ -232,7 +237,8 @@ def _dpm(s, c, N, step_kw, schedule):
     if c.variance_type is not None:
         _unsupported(s, "variance_type", c.variance_type)
     prediction = _prediction(s, c)
-    last_first_order = c.final_sigmas_type == "zero" or final_step_first_order(N, c.lower_order_final) or c.solver_order == 1
+    last_first_order = (c.final_sigmas_type == "zero" or final_step_first_order(N, c.lower_order_final)
+                        or c.solver_order == 1)
     if c.euler_at_final and not last_first_order:
         _unsupported(s, "euler_at_final", True)
     return dict(solver=solvers[c.algorithm_type], prediction=prediction, solver_order=c.solver_order,

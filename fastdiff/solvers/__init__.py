@@ -107,5 +107,5 @@ def _in_final_units(table: StepTable, grid: Grid, final_units: str) -> StepTable
     return table.with_(**changes) if changes else table
 
 
-__all__ = ["BUILDERS", "FINAL_UNITS", "FLOW_SOLVERS", "SOLVERS", "STRIDE_PREV", "StepTable", "build_table", "check_flow_solver",
-           "check_solver", "solver_options"]
+__all__ = ["BUILDERS", "FINAL_UNITS", "FLOW_SOLVERS", "SOLVERS", "STRIDE_PREV", "StepTable", "build_table",
+           "check_flow_solver", "check_solver", "solver_options"]

@@ -26,11 +26,11 @@ def init_noise_sigma(sigma_max: float, spacing: str) -> float:
     return math.sqrt(sigma_max**2 + 1) if spacing == "leading" else sigma_max
 
 
-def _space(grid: Grid) -> str:
+def ode_space(grid: Grid) -> str:
     return "flow" if grid.process == "flow" else "ve"
 
 
-def _sigmas(grid: Grid, solver: str) -> list[tuple[float, float, float, float]]:
+def sigma_rows(grid: Grid, solver: str) -> list[tuple[float, float, float, float]]:
     """(t, abar, s, s_to) per step: s the VE sigma, or the flow level on a flow process."""
     flow = grid.process == "flow"
     sig, sig_to = (grid.flow_sigma, grid.flow_sigma_to) if flow else (grid.sigma, grid.sigma_to)
@@ -45,8 +45,8 @@ def _sigmas(grid: Grid, solver: str) -> list[tuple[float, float, float, float]]:
 
 
 def build_euler(grid: Grid, prediction: str, *, spacing: str = "trailing") -> TableBuilder:
-    rows = _sigmas(grid, "euler")
-    tb = TableBuilder("euler", _space(grid), prediction, init_noise_sigma=init_noise_sigma(rows[0][2], spacing),
+    rows = sigma_rows(grid, "euler")
+    tb = TableBuilder("euler", ode_space(grid), prediction, init_noise_sigma=init_noise_sigma(rows[0][2], spacing),
                       process=grid.process)
     for t, abar, s, s_to in rows:
         tb.add(t, abar, vec(x=s_to / s, D=1 - s_to / s))
@@ -59,8 +59,8 @@ def ancestral_sigmas(s: float, s_to: float) -> tuple[float, float]:
 
 
 def build_euler_ancestral(grid: Grid, prediction: str, *, spacing: str = "trailing") -> TableBuilder:
-    rows = _sigmas(grid, "euler_ancestral")
-    tb = TableBuilder("euler_ancestral", _space(grid), prediction,
+    rows = sigma_rows(grid, "euler_ancestral")
+    tb = TableBuilder("euler_ancestral", ode_space(grid), prediction,
                       init_noise_sigma=init_noise_sigma(rows[0][2], spacing), process=grid.process)
     for t, abar, s, s_to in rows:
         if grid.process == "flow":
@@ -79,8 +79,8 @@ def flow_ancestral(s: float, s_to: float) -> dict:
 
 
 def build_heun(grid: Grid, prediction: str, *, spacing: str = "trailing") -> TableBuilder:
-    rows = _sigmas(grid, "heun")
-    tb = TableBuilder("heun", _space(grid), prediction, init_noise_sigma=init_noise_sigma(rows[0][2], spacing),
+    rows = sigma_rows(grid, "heun")
+    tb = TableBuilder("heun", ode_space(grid), prediction, init_noise_sigma=init_noise_sigma(rows[0][2], spacing),
                       history_len=1, separate_point=True, process=grid.process)
     for i, (t, abar, s, s_to) in enumerate(rows):
         if s_to == 0:  # the last step: Euler to the data

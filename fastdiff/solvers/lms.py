@@ -14,7 +14,7 @@ from numpy.polynomial import polynomial as P
 
 from ..grids import Grid
 from .base import TableBuilder, vec
-from .euler import _sigmas, _space, init_noise_sigma
+from .euler import init_noise_sigma, ode_space, sigma_rows
 
 HISTORY = ("H0", "H1", "H2")
 
@@ -33,8 +33,8 @@ def coefficient(sigmas: list[float], i: int, order: int, j: int) -> float:
 def build(grid: Grid, prediction: str, *, solver_order: int = 4, spacing: str = "trailing") -> TableBuilder:
     if solver_order not in (1, 2, 3, 4):
         raise ValueError(f"solver_order must be 1, 2, 3 or 4 for lms, got {solver_order}")
-    rows = _sigmas(grid, "lms")
-    tb = TableBuilder("lms", _space(grid), prediction, init_noise_sigma=init_noise_sigma(rows[0][2], spacing),
+    rows = sigma_rows(grid, "lms")
+    tb = TableBuilder("lms", ode_space(grid), prediction, init_noise_sigma=init_noise_sigma(rows[0][2], spacing),
                       history_len=solver_order - 1 if solver_order > 1 else 0, process=grid.process)
     sigmas = [r[2] for r in rows] + [rows[-1][3]]
     for i, (t, abar, s, _) in enumerate(rows):

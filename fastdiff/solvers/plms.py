@@ -7,8 +7,9 @@ as diffusers' PNDMScheduler with skip_prk_steps=True (Stable Diffusion 1.x's sch
     then, with o the newest raw output and o_1, o_2, o_3 earlier ones (o1 is not kept):
         (3 o - o_1) / 2,  (23 o - 16 o_1 + 5 o_2) / 12,  (55 o - 59 o_1 + 37 o_2 - 9 o_3) / 24
 The combined raw output becomes epsilon at the row's level with the current sample (v:
-e = sqrt(a) v + sqrt(1 - a) x; sample: e = (x - sqrt(a) x0) / sqrt(1 - a)), as diffusers does. So the history holds raw model outputs:
-each row pushes out = (D_raw - d_point x) / d_out, an affine combination of the row's vector.
+e = sqrt(a) v + sqrt(1 - a) x; sample: e = (x - sqrt(a) x0) / sqrt(1 - a)), as diffusers does.
+So the history holds raw model outputs: each row pushes out = (D_raw - d_point x) / d_out,
+an affine combination of the row's vector.
 """
 from __future__ import annotations
 
