@@ -67,6 +67,7 @@ CASES = {
     "unipc-flow-shift-25": (U, dict(FLOW_DPM, flow_shift=3.0), 25, None),
     "unipc-flow-dynamic-terminal": (U, dict(FLOW_DPM, use_dynamic_shifting=True, shift_terminal=0.1), 12, 0.6),
     "unipc-flow-order1-1": (U, dict(FLOW_DPM, solver_order=1), 1, None),
+    "unipc-flow-epsilon-40": (U, dict(use_flow_sigmas=True, flow_shift=3.0), 40, None),
     "unipc-flow-sample-sigma-min": (U, dict(use_flow_sigmas=True, prediction_type="sample",
                                             final_sigmas_type="sigma_min"), 9, None),
 }
