@@ -74,7 +74,7 @@ class Sampler:
     (imported with the package): the sampling layer does not import the integrations above it.
     """
 
-    def __init__(self, model, schedule: Schedule, solver: str = "dpmpp_2m", steps: int = 20,
+    def __init__(self, model, schedule: Schedule | FlowSchedule, solver: str = "dpmpp_2m", steps: int = 20,
                  prediction: str = "epsilon", spacing: str | None = None, eta: float = 0.0,
                  guidance_scale: float | None = None, *, steps_offset: int = 0, sigmas=None,
                  rho: float = 7.0, timesteps=None, variance: str = "fixed_small", solver_order: int | None = None,
