@@ -1,0 +1,198 @@
+"""fastdiff.elbo against closed forms: Gaussian data N(mu, v^2) and its exact denoiser.
+
+For that data and model every quantity of the bound is a Gaussian integral: the tests
+recompute each term independently in float64 (textbook posterior, the KL of two Gaussians,
+the discretized Gaussian through math.erf) and the expected bound in closed form.
+"""
+import math
+
+import pytest
+import torch
+from gaussian_model import GaussianDenoiser
+
+import fastdiff
+from fastdiff import rng
+from fastdiff.likelihood import elbo
+from fastdiff.solvers.table import STREAM_ELBO
+
+MU, V = 0.7, 0.5
+LN2 = math.log(2)
+
+
+def schedule(T):  # Ho et al.'s linear betas, rescaled to T steps (Nichol & Dhariwal 2021)
+    return fastdiff.Schedule.linear(T, 1e-4 * 1000 / T, min(0.02 * 1000 / T, 0.5))
+
+
+def data(B, dims, seed=0):
+    return MU + V * torch.randn(B, dims, generator=torch.Generator().manual_seed(seed))
+
+
+def textbook(s):
+    """Ho et al. 2020, eqs. 6-7, float64: abar, abar_prev, posterior mean coefficients and variance."""
+    b = s.betas
+    abar = torch.cumprod(1 - b, 0)
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    return abar, prev, b * prev.sqrt() / (1 - abar), (1 - prev) * (1 - b).sqrt() / (1 - abar), b * (1 - prev) / (1 - abar)
+
+
+def exact_x0(x_t, abar):  # E[x0 | x_t] for x0 ~ N(MU, V^2)
+    a = math.sqrt(abar)
+    return MU + V * V * a * (x_t - a * MU) / (abar * V * V + 1 - abar)
+
+
+def expected_bound(s, variance):
+    """E over x0 ~ data and x_t of each term (nats per dim): [T] (t = 0 the decoder) and the prior."""
+    abar, prev, c0, _, var_q = textbook(s)
+    b = s.betas
+    post = V * V * (1 - abar) / (abar * V * V + 1 - abar)  # Var[x0 | x_t] = E (x0 - D)^2
+    var_p = var_q if variance == "fixed_small" else b
+    terms = 0.5 * ((var_p / var_q).log() + var_q / var_p - 1) + c0**2 * post / (2 * var_p)
+    terms[0] = 0.5 * math.log(2 * math.pi * b[0]) + post[0] / (2 * b[0])  # continuous decoder N(D, beta_0)
+    prior = 0.5 * (abar[-1] * (MU * MU + V * V) - abar[-1] - (1 - abar[-1]).log())
+    return terms, prior
+
+
+ENTROPY = 0.5 * math.log(2 * math.pi * math.e * V * V)  # E[-log p(x0)] per dim, nats
+
+
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
+def test_every_term_is_the_gaussian_kl_in_float64(variance):
+    T, B, dims = 40, 3, 10
+    s = schedule(T)
+    x0 = data(B, dims)
+    seeds = [5, 2**40, 17]
+    r = elbo(GaussianDenoiser(s), s, x0, seeds=seeds, variance=variance, decoder="gaussian", batch_timesteps=7)
+    abar, prev, c0, c1, var_q = textbook(s)
+    want = torch.empty(B, T, dtype=torch.float64)
+    for t in range(T):
+        z = rng.randn(seeds, t, STREAM_ELBO, (dims,)).double()  # the documented draw of x_t
+        x_t = abar[t].sqrt() * x0.double() + (1 - abar[t]).sqrt() * z
+        D = exact_x0(x_t, float(abar[t]))
+        if t == 0:  # -log N(x0; D, beta_0)
+            var = float(s.betas[0])
+            want[:, 0] = (0.5 * math.log(2 * math.pi * var) + (x0.double() - D) ** 2 / (2 * var)).sum(1)
+            continue
+        m_q, m_p = c0[t] * x0.double() + c1[t] * x_t, c0[t] * D + c1[t] * x_t
+        vq = var_q[t]
+        vp = vq if variance == "fixed_small" else s.betas[t]
+        want[:, t] = (0.5 * (torch.log(vp / vq) + (vq + (m_q - m_p) ** 2) / vp - 1)).sum(1)
+    want /= dims * LN2
+    torch.testing.assert_close(r.terms, want, rtol=2e-4, atol=1e-6)
+    prior = 0.5 * (abar[-1] * x0.double() ** 2 + (1 - abar[-1]) - 1 - torch.log(1 - abar[-1])).sum(1) / (dims * LN2)
+    torch.testing.assert_close(r.prior, prior, rtol=1e-12, atol=0)
+    torch.testing.assert_close(r.decoder, want[:, 0])
+    torch.testing.assert_close(r.diffusion, want[:, 1:].sum(1))
+    torch.testing.assert_close(r.bpd, r.prior + r.diffusion + r.decoder)
+    torch.testing.assert_close(r.nats, r.bpd * dims * LN2)
+
+
+def test_discretized_decoder_is_the_gaussian_mass_of_the_bin():
+    T, B, dims = 20, 2, 12
+    s = schedule(T)
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randint(0, 256, (B, dims), generator=g).double() / 127.5 - 1
+    x0[0, :3] = torch.tensor([-1.0, 1.0, 1 / 255])  # both open end bins and one near the middle
+    r = elbo(GaussianDenoiser(s), s, x0.float(), seeds=[1, 2], timesteps=None)
+    var = float(s.betas[0])
+    abar0 = float(s.alphas_cumprod[0])
+    z = rng.randn([1, 2], 0, STREAM_ELBO, (dims,)).double()
+    D = exact_x0(math.sqrt(abar0) * x0 + math.sqrt(1 - abar0) * z, abar0)
+    Phi = lambda u: 0.5 * (1 + math.erf(u / math.sqrt(2)))  # noqa: E731
+    want = torch.zeros(B, dtype=torch.float64)
+    for b in range(B):
+        for e in range(dims):
+            x, m, sd = float(x0[b, e]), float(D[b, e]), math.sqrt(var)
+            hi = 1.0 if x > 0.999 else Phi((x + 1 / 255 - m) / sd)
+            lo = 0.0 if x < -0.999 else Phi((x - 1 / 255 - m) / sd)
+            want[b] -= math.log(hi - lo)
+    torch.testing.assert_close(r.decoder, want / (dims * LN2), rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match="decoder='discretized' needs x0"):
+        elbo(GaussianDenoiser(s), s, x0.float() + 0.001)
+
+
+# The gap E[-ELBO] - E[-log p(x0)] of the exact model (bits/dim, from expected_bound): with
+# fixed_small the early terms, where the posterior variance is far below the true reverse
+# variance, cost most of it; fixed_large is nearly tight for this data.
+GAPS = {(100, "fixed_small"): 1.8036, (100, "fixed_large"): 0.0158,
+        (1000, "fixed_small"): 0.6584, (1000, "fixed_large"): 0.0016}
+
+
+@pytest.mark.parametrize("T,variance", list(GAPS))
+def test_bound_of_the_exact_model_lies_above_the_entropy_by_the_closed_form_gap(T, variance):
+    s = schedule(T)
+    terms, prior = expected_bound(s, variance)
+    gap = float(terms.sum() + prior - ENTROPY) / LN2
+    assert gap == pytest.approx(GAPS[(T, variance)], abs=1e-4)
+    B, dims = 6, 64
+    r = elbo(GaussianDenoiser(s), s, data(B, dims, seed=T), variance=variance, decoder="gaussian",
+             batch_timesteps=250)
+    # the library's bound, averaged over 384 data dims and one x_t draw per timestep, against
+    # the expectation; the Monte-Carlo error of that mean is ~0.02 bits/dim (spread below)
+    mean, err = float(r.bpd.mean()), float(r.bpd.std() / math.sqrt(B))
+    expected = gap + ENTROPY / LN2
+    assert abs(mean - expected) < 4 * err + 1e-3, (mean, expected, err)
+    assert mean > ENTROPY / LN2 or variance == "fixed_large"
+    # each timestep's mean against its expectation: the random part of a term is a scaled
+    # chi-square of B * dims = 384 degrees of freedom, relative spread sqrt(2/384) = 7%
+    want = terms / LN2
+    assert bool(((r.terms.mean(0) - want).abs() <= 0.3 * want.abs() + 1e-3).all())
+
+
+def test_fixed_small_gap_sits_in_the_first_timesteps():
+    s = schedule(100)
+    x0 = data(4, 64)
+    small = elbo(GaussianDenoiser(s), s, x0, variance="fixed_small", decoder="gaussian", batch_timesteps=100)
+    large = elbo(GaussianDenoiser(s), s, x0, variance="fixed_large", decoder="gaussian", batch_timesteps=100)
+    excess = (small.terms - large.terms).mean(0)  # same draws: the difference is the variance choice
+    assert float(excess[1:11].sum()) > 0.7 * float(excess.sum()) > 0
+
+
+def test_monte_carlo_timesteps_are_unbiased():
+    T, B, dims, n = 50, 4, 16, 48
+    s = schedule(T)
+    x0 = data(B, dims).repeat(n, 1)  # the same 4 images under n different seeds
+    seeds = list(range(B * n))
+    full = elbo(GaussianDenoiser(s), s, x0, seeds=seeds, decoder="gaussian", batch_timesteps=T)
+    mc = elbo(GaussianDenoiser(s), s, x0, seeds=seeds, decoder="gaussian", timesteps=5)
+    assert mc.terms is None and mc.timesteps.shape == (B * n, 5)
+    assert int(mc.timesteps.min()) >= 0 and int(mc.timesteps.max()) < T
+    diff = (mc.bpd - full.bpd).reshape(n, B).mean(1)  # n independent estimates of the mean bias
+    assert abs(float(diff.mean())) < 4 * float(diff.std()) / math.sqrt(n)
+    torch.testing.assert_close(mc.bpd, mc.prior + mc.diffusion + mc.decoder)
+
+
+@pytest.mark.parametrize("timesteps", [None, 6])
+def test_each_sample_is_the_same_alone_or_in_any_batch(timesteps):
+    s = schedule(30)
+    x0 = data(5, 9)
+    seeds = [11, 3, 2**50, 8, 4]
+    whole = elbo(GaussianDenoiser(s), s, x0, seeds=seeds, decoder="gaussian", timesteps=timesteps, batch_timesteps=4)
+    for b in (0, 3):
+        alone = elbo(GaussianDenoiser(s), s, x0[b:b + 1], seeds=seeds[b:b + 1], decoder="gaussian",
+                     timesteps=timesteps, batch_timesteps=13)
+        for name in ("bpd", "prior", "diffusion", "decoder"):
+            assert torch.equal(getattr(alone, name)[0], getattr(whole, name)[b]), name
+
+
+def test_fused_backend_equals_torch(kernel_device):
+    s = schedule(12)
+    x0 = torch.randint(0, 256, (3, 1, 5, 7), generator=torch.Generator().manual_seed(0)).float() / 127.5 - 1
+    model = GaussianDenoiser(s).to(kernel_device)
+    kw = dict(seeds=[1, 2, 3], batch_timesteps=5, variance="fixed_large")
+    fused = elbo(model, s, x0.to(kernel_device), backend="triton", **kw)
+    ref = elbo(model, s, x0.to(kernel_device), backend="torch", **kw)
+    torch.testing.assert_close(fused.terms.cpu(), ref.terms.cpu(), rtol=1e-5, atol=1e-6)
+
+
+def test_validation():
+    s = schedule(10)
+    m = GaussianDenoiser(s)
+    x0 = data(2, 4)
+    for kw, msg in [(dict(variance="learned"), "variance"), (dict(decoder="logistic"), "decoder"),
+                    (dict(timesteps=0), "timesteps"), (dict(batch_timesteps=0), "batch_timesteps"),
+                    (dict(prediction="eps"), "prediction"), (dict(seeds=[1]), "seeds"),
+                    (dict(decoder_variance=-1.0), "decoder_variance"), (dict(cond={"y": torch.zeros(3)}), "cond")]:
+        with pytest.raises(ValueError, match=msg):
+            elbo(m, s, x0, **{"decoder": "gaussian", **kw})
+    with pytest.raises(FloatingPointError, match="timestep"):
+        elbo(lambda x, t: x * float("nan"), s, x0, decoder="gaussian")
