@@ -91,9 +91,10 @@ class Sampler:
             dynamic_ratio=dynamic_thresholding_ratio if thresholding else None, max_value=sample_max_value)
         self.guidance_rescale, self.classifier, self.classifier_scale = guidance_rescale, classifier, classifier_scale
         self.eta, self.spacing = float(eta), spacing
-        self.grid = make_grid(schedule, steps if timesteps is None else len(timesteps), spacing=spacing,
-                              steps_offset=steps_offset, sigmas=sigmas, rho=rho, final_abar=final_alpha_cumprod,
-                              stride_prev=solver in STRIDE_PREV and sigmas is None, timesteps=timesteps)
+        self._grid_options = dict(spacing=spacing, steps_offset=steps_offset, sigmas=sigmas, rho=rho,
+                                  final_abar=final_alpha_cumprod, stride_prev=solver in STRIDE_PREV and sigmas is None,
+                                  timesteps=timesteps)
+        self.grid = make_grid(schedule, steps if timesteps is None else len(timesteps), **self._grid_options)
         self.steps = self.grid.steps
         self._options = dict(eta=eta, variance=variance, solver_order=solver_order,
                              lower_order_final=lower_order_final, spacing=spacing,
@@ -172,15 +173,32 @@ class Sampler:
             if table.space == "ve":
                 x0 = x0 / math.sqrt(float(self.grid.abar[start]))
         kwargs = _batched_kwargs(cond, uncond, cfg, B, self.device)
-        cfg_w = None
-        if cfg:
-            w_t = torch.as_tensor(w, dtype=torch.float32, device=self.device).reshape(-1)
-            if w_t.numel() not in (1, B):
-                raise ValueError(f"guidance_scale must be a number or have {B} entries, got {w_t.numel()}")
-            cfg_w = w_t.expand(B)[None].expand(table.rows, B)
+        cfg_w = self._guidance_weights(w, B)[None].expand(table.rows, B) if cfg else None
         runner = self._runner(table, start, B, tuple(x_T.shape[1:]), cfg, kwargs)
         with on_device(self.device):  # streams, capture and launches go to the current GPU
             return runner.run(x0, seeds, cfg_w, kwargs, progress)
+
+    def _guidance_weights(self, w, B: int) -> torch.Tensor:
+        """The guidance scale per sample, [B] float32 on the device."""
+        w_t = torch.as_tensor(w, dtype=torch.float32, device=self.device).reshape(-1)
+        if w_t.numel() not in (1, B):
+            raise ValueError(f"guidance_scale must be a number or have {B} entries, got {w_t.numel()}")
+        return w_t.expand(B)
+
+    @torch.no_grad()
+    def invert(self, x0: torch.Tensor, cond: dict | None = None, uncond: dict | None = None, guidance_scale=None,
+               steps: int | None = None, *, mode: str = "exact", iterations: int = 10, sweeps: int = 10,
+               tol: float = 1e-7) -> torch.Tensor:
+        """x_T such that sample(noise=x_T, cond=cond, ...) returns x0: the probability-flow ODE from
+        data to noise on this sampler's grid (fastdiff.inversion). mode 'exact' (backward sweeps to a
+        fixed point: at most `iterations` sweeps of one model call per row, until x_T changes by
+        less than `tol`) or 'naive' (one sweep, each row's model at its known point). Deterministic
+        solvers only (ddim with eta=0, euler, heun, dpmpp_2m, unipc). steps: another step count
+        on the same grid options (a Sampler of that many steps then samples it back)."""
+        from .inversion import invert
+
+        return invert(self, x0, cond=cond, uncond=uncond, guidance_scale=guidance_scale, steps=steps, mode=mode,
+                      iterations=iterations, sweeps=sweeps, tol=tol)
 
     def _initial_noise(self, noise, shape, seeds):
         if noise is not None:
