@@ -4,7 +4,7 @@ Solvers compile to float64 coefficient tables (fastdiff.solvers); one affine exe
 any row, in plain PyTorch or as one fused Triton kernel; on CUDA the whole loop is one graph.
 """
 from .grids import Grid, make_grid
-from .likelihood import ELBO, elbo
+from .likelihood import ELBO, ODELikelihood, elbo, log_likelihood
 from .noising import add_noise
 from .sampler import Sampler
 from .schedules import Schedule
@@ -20,4 +20,5 @@ def load_pretrained(name: str = "digits", **kw):
     return _load(name, **kw)
 
 
-__all__ = ["ELBO", "Grid", "Sampler", "Schedule", "SOLVERS", "add_noise", "elbo", "load_pretrained", "make_grid"]
+__all__ = ["ELBO", "Grid", "ODELikelihood", "Sampler", "Schedule", "SOLVERS", "add_noise", "elbo", "load_pretrained",
+           "log_likelihood", "make_grid"]

@@ -35,7 +35,8 @@ from .loop import model_output
 from .schedules import Schedule
 from .seeds import as_seeds
 from .solvers.base import check_prediction, conversion
-from .solvers.table import MODEL_DTYPES, STREAM_ELBO, STREAM_ELBO_TIMESTEPS
+from .grids import karras_sigmas
+from .solvers.table import MODEL_DTYPES, STREAM_DEQUANT, STREAM_ELBO, STREAM_ELBO_TIMESTEPS, STREAM_PROBE
 
 LN2 = math.log(2.0)
 VARIANCES = ("fixed_small", "fixed_large")
@@ -120,13 +121,13 @@ def decoder_log_likelihood(x0: torch.Tensor, mean: torch.Tensor, var: float, dec
     return log_gaussian_bin(lo, hi).sum(1)
 
 
-def _check_discretized(x0: torch.Tensor, bins: int) -> None:
+def _check_discretized(x0: torch.Tensor, bins: int, what: str, alternative: str) -> None:
     if not isinstance(bins, int) or bins < 2:
         raise ValueError(f"bins must be an integer >= 2, got {bins!r}")
     k = (x0.double() + 1) * (bins - 1) / 2
     if bool((x0 < -1).any() or (x0 > 1).any()) or bool(((k - k.round()).abs() > 1e-3).any()):
-        raise ValueError(f"decoder='discretized' needs x0 in [-1, 1] on the {bins}-level grid -1 + 2k/{bins - 1} "
-                         f"(quantize the data first), or use decoder='gaussian' for continuous data")
+        raise ValueError(f"{what} needs x0 in [-1, 1] on the {bins}-level grid -1 + 2k/{bins - 1} "
+                         f"(quantize the data first), or use {alternative} for continuous data")
 
 
 @torch.no_grad()
@@ -161,7 +162,7 @@ def elbo(model, schedule: Schedule, x0: torch.Tensor, *, prediction: str = "epsi
     if not isinstance(batch_timesteps, int) or batch_timesteps < 1:
         raise ValueError(f"batch_timesteps must be a positive integer, got {batch_timesteps!r}")
     if decoder == "discretized":
-        _check_discretized(x0, bins)
+        _check_discretized(x0, bins, "decoder='discretized'", "decoder='gaussian'")
     dec_var = float(schedule.betas[0]) if decoder_variance is None else decoder_variance
     if not (isinstance(dec_var, (int, float)) and math.isfinite(dec_var) and dec_var > 0):
         raise ValueError(f"decoder_variance must be a positive number, got {decoder_variance!r}")
@@ -258,3 +259,121 @@ def _terms(model, x0, seeds, cond, t, steps, abar, coef_t, mdtype, backend, deco
             coef[r, 1].reshape(-1, *([1] * len(S))) * out[r].double()  # the mean: coef_x0 = 1, coef_xt = 0 at t = 0
         kl[b_idx, j_idx] = -decoder_log_likelihood(x0[b_idx], D, dec_var, decoder, bins)
     return kl
+
+
+# ---- the probability-flow ODE log-likelihood --------------------------------------------
+
+ODE_SOLVERS = ("heun", "euler")
+PROBES = ("rademacher", "gaussian")
+
+
+@dataclass(frozen=True)
+class ODELikelihood:
+    """Per sample (float64 [B]): nats = -log p(x0) (with dequantization: the bound
+    -E_u log p(x0 + u), u uniform over the bin), bpd = bits/dim (with `bins`: of the
+    discrete data, the bin width accounted for; else of the density), log_prior =
+    log N(y_T; 0, (1 + s_max^2) I), delta = the integral of the divergence (log p(x0) =
+    log_prior + delta)."""
+
+    nats: torch.Tensor
+    bpd: torch.Tensor
+    log_prior: torch.Tensor
+    delta: torch.Tensor
+    dims: int
+
+
+@torch.no_grad()
+def log_likelihood(model, schedule: Schedule, x0: torch.Tensor, *, steps: int = 50, solver: str = "heun",
+                   probes: int = 1, probe: str = "rademacher", exact_trace: bool = False, seeds=None,
+                   prediction: str = "epsilon", cond: dict | None = None, dequantize: bool = False,
+                   bins: int | None = None, rho: float = 7.0, dtype: torch.dtype | None = None) -> ODELikelihood:
+    """log p(x0) by the instantaneous change of variables along the probability-flow ODE
+    (Song et al. 2021, sec. 4.3), in VE coordinates y = x_t / alpha_t, s = sigma_t / alpha_t:
+
+        dy/ds = f(y, s) = (y - D(y, s)) / s,   div f = (N - tr dD/dy) / s,   f(y, 0) = 0
+        log p(x0) = log N(y(s_max); 0, (1 + s_max^2) I) + int_0^{s_max} div f(y(s), s) ds
+
+    integrated upward over [0] + Karras' sigmas (`steps` intervals, rho) with Heun's method
+    (2 model calls per interval but the first, which starts at s = 0 where f = 0) or Euler's.
+    tr dD/dy: exact (exact_trace, N vector-Jacobian products batched: small N only) or the
+    Skilling-Hutchinson estimate mean_k e_k^T (dD/dy) e_k over `probes` Rademacher or Gaussian
+    probes, fresh per evaluation, keyed by (seed, evaluation, STREAM_PROBE): unbiased for the
+    same discretized solve. dequantize: x0 on the `bins`-level grid over [-1, 1] (default 256)
+    plus uniform noise over its bin, keyed by (seed, STREAM_DEQUANT).
+    """
+    check_prediction(prediction)
+    if not isinstance(schedule, Schedule):
+        raise ValueError(f"schedule must be a fastdiff.Schedule, got {type(schedule).__name__}")
+    if solver not in ODE_SOLVERS:
+        raise ValueError(f"unknown solver {solver!r} for log_likelihood; allowed: {', '.join(ODE_SOLVERS)}")
+    if probe not in PROBES:
+        raise ValueError(f"unknown probe {probe!r}; allowed: {', '.join(PROBES)}")
+    for name, v in (("steps", steps), ("probes", probes)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if not torch.is_tensor(x0) or x0.ndim < 2 or x0.shape[0] < 1:
+        raise ValueError("x0 must be a tensor [B, ...] with B >= 1")
+    if dequantize and bins is None:
+        bins = 256
+    if bins is not None:
+        _check_discretized(x0, bins, "dequantize or bins", "bins=None")
+    B, S = x0.shape[0], tuple(x0.shape[1:])
+    N = math.prod(S)
+    device = x0.device
+    mdtype = dtype or next((p.dtype for p in getattr(model, "parameters", lambda: [])() if p.is_floating_point()),
+                           torch.float32)
+    seeds = as_seeds(range(B) if seeds is None else seeds, B, device)
+    cond = _check_cond(cond, B, device)
+    work = torch.float64 if mdtype == torch.float64 else torch.float32
+    y = x0.to(work)
+    if dequantize:  # u = Phi(z) - 1/2 is uniform on (-1/2, 1/2) for z ~ N(0, 1)
+        z = rng.randn(seeds, 0, STREAM_DEQUANT, S, device=device).double()
+        y = (x0.double() + (torch.special.ndtr(z) - 0.5) * (2.0 / (bins - 1))).to(work)
+    K = N if exact_trace else probes  # rows per sample in each model call
+    kwargs = {name: v.repeat_interleave(K, 0) for name, v in cond.items()}
+    s_max = schedule.sigma_max
+    grid = [0.0] + karras_sigmas(schedule.sigma_min, s_max, steps, rho).flip(0).tolist()  # increasing
+    calls = 0
+
+    def drift(y: torch.Tensor, s: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """f(y, s) [B, *S] and div f [B] (float64)."""
+        nonlocal calls
+        if s == 0.0:
+            return torch.zeros_like(y), torch.zeros(B, dtype=torch.float64, device=device)
+        abar = 1.0 / (1.0 + s * s)
+        c_in, d_point, d_out = conversion(prediction, "ve", abar)
+        if exact_trace:  # the N basis vectors, for every sample
+            e = torch.eye(N, dtype=work, device=device).reshape(N, *S).repeat(B, *([1] * len(S)))
+        else:
+            e = rng.randn(seeds, calls, STREAM_PROBE, (K, *S), device=device).to(work).flatten(0, 1)
+            if probe == "rademacher":
+                e = torch.where(e >= 0, 1.0, -1.0).to(work)
+        calls += 1
+        t = torch.full((B * K,), float(schedule.t_at(s)), dtype=torch.float32, device=device)
+        with torch.enable_grad():
+            y_rows = y.repeat_interleave(K, 0).detach().requires_grad_(True)
+            out = model_output(model, (c_in * y_rows).to(mdtype), t, kwargs)
+            D = d_point * y_rows + d_out * out.to(work)
+            (vjp,) = torch.autograd.grad((D * e).sum(), y_rows)
+        if not bool(torch.isfinite(out).all()):
+            raise FloatingPointError(f"non-finite model output at sigma {s:g} (timestep {float(t[0]):g})")
+        quad = (vjp * e).flatten(1).sum(1, dtype=torch.float64).reshape(B, K)  # e_k^T (dD/dy) e_k
+        trace = quad.sum(1) if exact_trace else quad.mean(1)
+        D0 = D.detach()[::K]
+        return (y - D0) / s, (N - trace) / s
+
+    delta = torch.zeros(B, dtype=torch.float64, device=device)
+    for s_a, s_b in zip(grid[:-1], grid[1:]):
+        h = s_b - s_a
+        f_a, div_a = drift(y, s_a)
+        if solver == "euler":
+            y, delta = y + h * f_a, delta + h * div_a
+            continue
+        f_b, div_b = drift(y + h * f_a, s_b)
+        y, delta = y + h * (f_a + f_b) / 2, delta + h * (div_a + div_b) / 2
+    var_T = 1.0 + s_max * s_max
+    log_prior = -0.5 * (y.double().flatten(1).square().sum(1) / var_T + N * math.log(2 * math.pi * var_T))
+    nats = -(log_prior + delta)
+    bpd = (nats if bins is None else nats - N * math.log(2.0 / (bins - 1))) / (N * LN2)
+    return ODELikelihood(nats=nats, bpd=bpd, log_prior=log_prior, delta=delta, dims=N)
+
