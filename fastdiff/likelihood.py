@@ -145,15 +145,11 @@ def elbo(model, schedule: Schedule, x0: torch.Tensor, *, prediction: str = "epsi
     tables on the device (the CUDA default), 'torch' runs the reference. dtype: the model
     input dtype (default the model's parameters' dtype, else float32).
     """
-    check_prediction(prediction)
-    if not isinstance(schedule, Schedule):
-        raise ValueError(f"schedule must be a fastdiff.Schedule, got {type(schedule).__name__}")
+    dims, mdtype, seeds, cond = _inputs(model, schedule, x0, prediction, seeds, cond, dtype)
     if variance not in VARIANCES:
         raise ValueError(f"unknown variance {variance!r}; allowed: {', '.join(VARIANCES)}")
     if decoder not in DECODERS:
         raise ValueError(f"unknown decoder {decoder!r}; allowed: {', '.join(DECODERS)}")
-    if not torch.is_tensor(x0) or x0.ndim < 2 or x0.shape[0] < 1:
-        raise ValueError("x0 must be a tensor [B, ...] with B >= 1")
     T = schedule.num_train_timesteps
     if T < 2:
         raise ValueError("elbo needs a schedule of at least 2 timesteps")
@@ -167,14 +163,8 @@ def elbo(model, schedule: Schedule, x0: torch.Tensor, *, prediction: str = "epsi
     if not (isinstance(dec_var, (int, float)) and math.isfinite(dec_var) and dec_var > 0):
         raise ValueError(f"decoder_variance must be a positive number, got {decoder_variance!r}")
 
-    B, S = x0.shape[0], tuple(x0.shape[1:])
-    dims = math.prod(S)
-    device = x0.device
-    mdtype = dtype or next((p.dtype for p in getattr(model, "parameters", lambda: [])() if p.is_floating_point()),
-                           torch.float32)
+    B, device = x0.shape[0], x0.device
     backend = resolve_backend(backend, device, mdtype)
-    seeds = as_seeds(range(B) if seeds is None else seeds, B, device)
-    cond = _check_cond(cond, B, device)
     x0 = x0.to(torch.float32).contiguous()
 
     tab = posterior_tables(schedule, device, backend)
@@ -216,6 +206,20 @@ def elbo(model, schedule: Schedule, x0: torch.Tensor, *, prediction: str = "epsi
         terms = None
     return ELBO(bpd=prior + diff + dec, prior=prior, diffusion=diff, decoder=dec, terms=terms,
                 timesteps=None if timesteps is None else t_all, dims=dims)
+
+
+def _inputs(model, schedule, x0, prediction, seeds, cond, dtype):
+    """Checks shared by elbo and log_likelihood; (dims, model dtype, seeds [B], cond on x0's device)."""
+    check_prediction(prediction)
+    if not isinstance(schedule, Schedule):
+        raise ValueError(f"schedule must be a fastdiff.Schedule, got {type(schedule).__name__}")
+    if not torch.is_tensor(x0) or x0.ndim < 2 or x0.shape[0] < 1:
+        raise ValueError("x0 must be a tensor [B, ...] with B >= 1")
+    B = x0.shape[0]
+    mdtype = dtype or next((p.dtype for p in getattr(model, "parameters", lambda: [])() if p.is_floating_point()),
+                           torch.float32)
+    return (math.prod(x0.shape[1:]), mdtype, as_seeds(range(B) if seeds is None else seeds, B, x0.device),
+            _check_cond(cond, B, x0.device))
 
 
 def _check_cond(cond, B, device) -> dict:
@@ -301,9 +305,7 @@ def log_likelihood(model, schedule: Schedule, x0: torch.Tensor, *, steps: int = 
     same discretized solve. dequantize: x0 on the `bins`-level grid over [-1, 1] (default 256)
     plus uniform noise over its bin, keyed by (seed, STREAM_DEQUANT).
     """
-    check_prediction(prediction)
-    if not isinstance(schedule, Schedule):
-        raise ValueError(f"schedule must be a fastdiff.Schedule, got {type(schedule).__name__}")
+    N, mdtype, seeds, cond = _inputs(model, schedule, x0, prediction, seeds, cond, dtype)
     if solver not in ODE_SOLVERS:
         raise ValueError(f"unknown solver {solver!r} for log_likelihood; allowed: {', '.join(ODE_SOLVERS)}")
     if probe not in PROBES:
@@ -311,19 +313,11 @@ def log_likelihood(model, schedule: Schedule, x0: torch.Tensor, *, steps: int = 
     for name, v in (("steps", steps), ("probes", probes)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    if not torch.is_tensor(x0) or x0.ndim < 2 or x0.shape[0] < 1:
-        raise ValueError("x0 must be a tensor [B, ...] with B >= 1")
     if dequantize and bins is None:
         bins = 256
     if bins is not None:
         _check_discretized(x0, bins, "dequantize or bins", "bins=None")
-    B, S = x0.shape[0], tuple(x0.shape[1:])
-    N = math.prod(S)
-    device = x0.device
-    mdtype = dtype or next((p.dtype for p in getattr(model, "parameters", lambda: [])() if p.is_floating_point()),
-                           torch.float32)
-    seeds = as_seeds(range(B) if seeds is None else seeds, B, device)
-    cond = _check_cond(cond, B, device)
+    B, S, device = x0.shape[0], tuple(x0.shape[1:]), x0.device
     work = torch.float64 if mdtype == torch.float64 else torch.float32
     y = x0.to(work)
     if dequantize:  # u = Phi(z) - 1/2 is uniform on (-1/2, 1/2) for z ~ N(0, 1)
