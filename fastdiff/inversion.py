@@ -130,11 +130,13 @@ def invert_table(model, table: StepTable, y: torch.Tensor, *, kwargs: dict, cfg_
 
     # first guess for every row: the model at the data; rows not yet reached in the first sweep
     # then take the newest row's values (the model's output and estimate change slowly along t)
-    us = unknowns(slice(None), *evaluate(R - 1, y64)).contiguous()
+    at_data = evaluate(R - 1, y64)  # the last row's known point (naive) or first guess (exact)
     if mode == "naive":
-        for r in range(R - 1, -1, -1):
-            us[: r + 1] = evaluate(r, y64 if r == R - 1 else point(r + 1, us))[0]
+        us = at_data[0].expand(R, *at_data[0].shape).clone()
+        for r in range(R - 2, -1, -1):
+            us[: r + 1] = evaluate(r, point(r + 1, us))[0]
         return start(us).float()
+    us = unknowns(slice(None), *at_data).contiguous()
     # rows whose point reads an earlier row's unknown (heun's inner points, multistep history)
     # need more than one sweep; one-step solvers are exact after the first
     coupled = bool((coef_out.tril(-1).abs() > 1e-12 * coef_out.abs().max()).any())
