@@ -33,8 +33,9 @@ import math
 import torch
 
 from .guidance import cfg_combine
-from .loop import model_output
-from .solvers.table import COLUMNS, H0, Z, StepTable
+from .models.adapters import plain_output
+from .columns import COLUMNS, H0, Z
+from .solvers.table import StepTable
 
 INVERTIBLE = ("ddim", "euler", "heun", "dpmpp_2m", "unipc")
 MODES = ("exact", "naive")
@@ -111,7 +112,7 @@ def invert_table(model, table: StepTable, y: torch.Tensor, *, kwargs: dict, cfg_
         if G == 2:
             x_in = torch.cat([x_in, x_in])
         t = torch.full((G * B,), t_model[r], dtype=torch.float32, device=dev)
-        out = model_output(model, x_in, t, kwargs)
+        out = plain_output(model(x_in, t, **kwargs))
         out = cfg_combine(out, cfg_w) if G == 2 else out.float()
         if not bool(torch.isfinite(out).all()):
             raise FloatingPointError(f"non-finite model output at step {r} (timestep {t_model[r]:g}) while inverting")
@@ -183,7 +184,7 @@ def check_invertible(sampler) -> None:
     th = sampler.threshold
     for name, used in (("clip_sample", th.clip is not None), ("thresholding", th.dynamic_ratio is not None),
                        ("guidance_rescale", sampler.guidance_rescale != 0), ("classifier", sampler.classifier is not None),
-                       ("corrector", sampler.table.corrector_steps is not None)):
+                       ("corrector", sampler.corrector is not None)):
         if used:
             raise ValueError(f"invert does not support {name}: the step is then not affine in the model output")
 

@@ -30,13 +30,14 @@ from dataclasses import dataclass
 import torch
 
 from . import rng
+from .dtypes import MODEL_DTYPES
 from .executors import resolve_backend
-from .loop import model_output
+from .grids import karras_sigmas
+from .models.adapters import plain_output
+from .rng import STREAM_DEQUANT, STREAM_ELBO, STREAM_ELBO_TIMESTEPS, STREAM_PROBE
 from .schedules import Schedule
 from .seeds import as_seeds
 from .solvers.base import check_prediction, conversion
-from .grids import karras_sigmas
-from .solvers.table import MODEL_DTYPES, STREAM_DEQUANT, STREAM_ELBO, STREAM_ELBO_TIMESTEPS, STREAM_PROBE
 
 LN2 = math.log(2.0)
 VARIANCES = ("fixed_small", "fixed_large")
@@ -242,7 +243,7 @@ def _terms(model, x0, seeds, cond, t, steps, abar, coef_t, mdtype, backend, deco
     x_t = (a.sqrt() * x0[:, None].double() + (1.0 - a).sqrt() * z.double()).to(mdtype).flatten(0, 1)  # [B*k, *S]
     rows = t.reshape(-1)
     kwargs = {name: v.repeat_interleave(k, 0) for name, v in cond.items()}
-    out = model_output(model, x_t, rows.to(torch.float32), kwargs)
+    out = plain_output(model(x_t, rows.to(torch.float32), **kwargs))
     if not bool(torch.isfinite(out).all()):
         bad = rows[~torch.isfinite(out.flatten(1)).all(1)]
         raise FloatingPointError(f"non-finite model output at timestep {int(bad[0])}")
@@ -346,7 +347,7 @@ def log_likelihood(model, schedule: Schedule, x0: torch.Tensor, *, steps: int = 
         t = torch.full((B * K,), float(schedule.t_at(s)), dtype=torch.float32, device=device)
         with torch.enable_grad():
             y_rows = y.repeat_interleave(K, 0).detach().requires_grad_(True)
-            out = model_output(model, (c_in * y_rows).to(mdtype), t, kwargs)
+            out = plain_output(model((c_in * y_rows).to(mdtype), t, **kwargs))
             D = d_point * y_rows + d_out * out.to(work)
             (vjp,) = torch.autograd.grad((D * e).sum(), y_rows)
         if not bool(torch.isfinite(out).all()):

@@ -4,7 +4,6 @@
     forward_noise    q(x_t | x_0) with in-kernel noise (forward_noise.py)
     gaussian_kl      the variational bound's denoising KLs, one per row, fused (gaussian_kl.py)
     schedule_tables  alphas_cumprod, SNRs and DDPM posterior tables on the device (schedule_tables.py)
-    solver_table     a solver's coefficient table for a grid on the device, fp64 (solver_tables.py)
 
 philox.py holds the in-kernel normal draw, bit-compatible with fastdiff.rng.
 """
@@ -12,6 +11,5 @@ from .affine_step import affine_step
 from .forward_noise import forward_noise
 from .gaussian_kl import gaussian_kl
 from .schedule_tables import schedule_tables
-from .solver_tables import solver_table
 
-__all__ = ["affine_step", "forward_noise", "gaussian_kl", "schedule_tables", "solver_table"]
+__all__ = ["affine_step", "forward_noise", "gaussian_kl", "schedule_tables"]

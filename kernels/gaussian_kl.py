@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from fastdiff.devices import on_device
-from fastdiff.solvers.table import MODEL_DTYPES
+from fastdiff.dtypes import MODEL_DTYPES
 
 NCOEF = 5  # d_point, d_out, coef_x0, weight, const
 

@@ -13,7 +13,7 @@ from gaussian_model import GaussianDenoiser
 import fastdiff
 from fastdiff import rng
 from fastdiff.likelihood import elbo, log_likelihood
-from fastdiff.solvers.table import STREAM_DEQUANT, STREAM_ELBO
+from fastdiff.rng import STREAM_DEQUANT, STREAM_ELBO
 
 MU, V = 0.7, 0.5
 LN2 = math.log(2)
