@@ -79,7 +79,7 @@ def main(args: argparse.Namespace) -> int:
     null = meta.get("null_class", meta["num_classes"])
     prediction = meta.get("prediction", "epsilon")
 
-    rows, start = [], time.perf_counter()
+    rows, seconds, start = [], [0.0, 0.0], time.perf_counter()
     for lo in range(0, len(x), args.batch):
         xb = x[lo:lo + args.batch]
         cond = {"class_labels": torch.full((len(xb),), null, device=device)}
@@ -92,19 +92,21 @@ def main(args: argparse.Namespace) -> int:
         o = log_likelihood(loaded.model, loaded.schedule, xb, steps=args.nll_ode_steps, probes=args.nll_probes,
                            seeds=seeds, prediction=prediction, cond=cond, dequantize=True)
         t2 = time.perf_counter()
+        seconds[0] += t1 - t0
+        seconds[1] += t2 - t1
         spread = monte_carlo_spread(b.terms) if b.terms is not None else torch.full_like(b.bpd, math.nan)
         rows.append((b.bpd, b.prior, b.diffusion, b.decoder, spread, o.bpd))
         if not args.no_progress:
             print(f"digits {lo + len(xb)}/{len(x)}: elbo {t1 - t0:.0f} s, ode {t2 - t1:.0f} s", file=sys.stderr)
     total = time.perf_counter() - start
     cols = [torch.cat(c).cpu() for c in zip(*rows)]
-    write_results(out, cols, args, device, total)
+    write_results(out, cols, args, device, total, seconds)
     print(f"wrote {out}: ELBO {float(cols[0].mean()):.3f} bits/dim, ODE {float(cols[5].mean()):.3f} bits/dim "
           f"({len(x)} digits, {total / 60:.1f} min)")
     return 0
 
 
-def command(args) -> str:
+def command(args, out: Path) -> str:
     """The command line that makes this file (the options that matter, spelled out)."""
     parts = ["fastdiff", "eval", "--nll", "--model", args.model, "--num-samples", args.num_samples,
              "--batch", args.batch, "--nll-ode-steps", args.nll_ode_steps, "--nll-probes", args.nll_probes]
@@ -112,10 +114,10 @@ def command(args) -> str:
         parts += ["--nll-timesteps", args.nll_timesteps]
     if args.device is not None:
         parts += ["--device", args.device]
-    return shlex.join(str(p) for p in parts + ["--out", args.out])
+    return shlex.join(str(p) for p in parts + ["--out", out])
 
 
-def write_results(out: Path, cols, args, device, total: float) -> None:
+def write_results(out: Path, cols, args, device, total: float, seconds: list[float]) -> None:
     bpd, prior, diffusion, decoder, spread, ode = cols
     n = len(bpd)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
@@ -129,14 +131,16 @@ def write_results(out: Path, cols, args, device, total: float) -> None:
     timesteps = "all 1000" if args.nll_timesteps is None else f"{args.nll_timesteps} drawn per digit"
     lines = [
         "# Likelihood of real digits under the digits model (bits/dim, lower is better)", "",
-        f"- command: `{command(args)}`",
+        f"- command: `{command(args, out)}`",
         f"- model: {args.model}, unconditional (null class); digits: {n} from the classifier's held-out 20% "
         "split (seed 0), quantized to 256 levels in [-1, 1]; the diffusion model was trained on all 1797 "
         "digits, so these are not held out from it",
         f"- ELBO: {timesteps} timesteps, variance fixed_large, discretized Gaussian decoder (variance beta_1)",
         f"- ODE: Heun over {args.nll_ode_steps} Karras intervals ({2 * args.nll_ode_steps - 1} model calls), "
         f"{args.nll_probes} Rademacher probe(s), uniform dequantization",
-        f"- device: {device_name}; torch {torch.__version__}; total {total / 60:.1f} min", "",
+        f"- device: {device_name}; torch {torch.__version__}; total {total / 60:.1f} min: ELBO "
+        f"{seconds[0]:.0f} s ({seconds[0] / n:.1f} s per digit), ODE {seconds[1]:.0f} s ({seconds[1] / n:.1f} s per digit)",
+        "",
         "| figure | mean ± s.e. over digits |", "|---|---:|",
         f"| ELBO bound (bpd) | {cell(bpd)} |", f"| prior term | {cell(prior)} |",
         f"| diffusion terms (t >= 2) | {cell(diffusion)} |", f"| decoder term (t = 1) | {cell(decoder)} |",
