@@ -28,13 +28,13 @@ step (round trip errors of 2-10% at 50 steps). Each sample stops on its own tole
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
+from .columns import COLUMNS, H0, Z
+from .grids import make_grid
 from .guidance import cfg_combine
 from .models.adapters import plain_output
-from .columns import COLUMNS, H0, Z
+from .solvers import build_table
 from .solvers.table import StepTable
 
 INVERTIBLE = ("ddim", "euler", "heun", "dpmpp_2m", "unipc")
@@ -189,32 +189,8 @@ def check_invertible(sampler) -> None:
             raise ValueError(f"invert does not support {name}: the step is then not affine in the model output")
 
 
-def invert(sampler, x0: torch.Tensor, *, cond=None, uncond=None, guidance_scale=None, steps=None, mode="exact",
-           iterations: int = 10, sweeps: int = 10, tol: float = 1e-7) -> torch.Tensor:
-    """x_T with sampler.sample(noise=x_T, cond=..., ...) == x0 (see Sampler.invert)."""
-    from .sampler import _batched_kwargs
-
-    check_invertible(sampler)
-    if not torch.is_tensor(x0) or x0.ndim < 2:
-        raise ValueError("x0 must be a tensor [B, ...]")
-    table = sampler.table if steps is None or steps == sampler.steps else _table_for_steps(sampler, steps)
-    B = x0.shape[0]
-    w = sampler.guidance_scale if guidance_scale is None else guidance_scale
-    sampler._check_guidance_scale(w)
-    cfg = sampler._check_conditioning(cond, uncond, w, B)
-    kwargs = _batched_kwargs(cond, uncond, cfg, B, sampler.device)
-    cfg_w = sampler._guidance_weights(w, B) if cfg else None
-    x_s = invert_table(sampler._model(), table, x0.to(sampler.device, torch.float32), kwargs=kwargs, cfg_w=cfg_w,
-                       mode=mode, iterations=iterations, sweeps=sweeps, tol=tol,
-                       dtype=sampler.dtype)
-    return x_s / table.init_noise_sigma if math.isfinite(table.init_noise_sigma) else x_s
-
-
-def _table_for_steps(sampler, steps: int) -> StepTable:
+def table_for_steps(sampler, steps: int) -> StepTable:
     """The sampler's table for another step count (its grid and solver options)."""
-    from .grids import make_grid
-    from .solvers import build_table
-
     opts = sampler._grid_options
     if opts["timesteps"] is not None or (opts["sigmas"] is not None and not isinstance(opts["sigmas"], str)):
         raise ValueError("steps cannot change a sampler built from explicit timesteps or sigmas")

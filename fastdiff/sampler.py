@@ -229,10 +229,21 @@ class Sampler:
         'naive' (one sweep, each row's model at its known point). Deterministic
         solvers only (ddim with eta=0, euler, heun, dpmpp_2m, unipc). steps: another step count
         on the same grid options (a Sampler of that many steps then samples it back)."""
-        from .inversion import invert
+        from .inversion import check_invertible, invert_table, table_for_steps
 
-        return invert(self, x0, cond=cond, uncond=uncond, guidance_scale=guidance_scale, steps=steps, mode=mode,
-                      iterations=iterations, sweeps=sweeps, tol=tol)
+        check_invertible(self)
+        if not torch.is_tensor(x0) or x0.ndim < 2:
+            raise ValueError("x0 must be a tensor [B, ...]")
+        table = self.table if steps is None or steps == self.steps else table_for_steps(self, steps)
+        B = x0.shape[0]
+        w = self.guidance_scale if guidance_scale is None else guidance_scale
+        self._check_guidance_scale(w)
+        cfg = self._check_conditioning(cond, uncond, w, B)
+        x_s = invert_table(self._model(), table, x0.to(self.device, torch.float32),
+                           kwargs=_batched_kwargs(cond, uncond, cfg, B, self.device),
+                           cfg_w=self._guidance_weights(w, B) if cfg else None, mode=mode, iterations=iterations,
+                           sweeps=sweeps, tol=tol, dtype=self.dtype)
+        return x_s / table.init_noise_sigma  # sample() starts from x_T * init_noise_sigma
 
     def _initial_noise(self, noise, shape, seeds):
         if noise is not None:
