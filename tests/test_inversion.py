@@ -111,3 +111,12 @@ def test_refusals():
             sampler.invert(x0, **kw)
     with pytest.raises(FloatingPointError, match="non-finite model output at step"):
         fastdiff.Sampler(lambda x, t: x * float("nan"), SCHEDULE, solver="ddim", steps=5).invert(x0)
+
+
+@pytest.mark.parametrize("solver", ["ddim", "unipc"])
+def test_v_prediction_with_zero_terminal_snr_round_trips(solver):
+    schedule = SCHEDULE.rescale_zero_terminal_snr()  # the first level is pure noise (alpha = 0)
+    model = GaussianDenoiser(schedule, prediction="v_prediction")
+    sampler = fastdiff.Sampler(model, schedule, solver=solver, steps=20, prediction="v_prediction")
+    x0 = gaussian_data()
+    assert rel(sampler.sample(noise=sampler.invert(x0)), x0) < 1e-5
