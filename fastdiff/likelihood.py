@@ -19,8 +19,8 @@ from the schedule tables kernel (kernels/schedule_tables.py) on the triton backe
 Every draw is keyed by the sample's seed: x_t at timestep t is
 sqrt(abar_t) x0 + sqrt(1 - abar_t) z with z = rng.randn(seed, t, STREAM_ELBO) (all
 timesteps), or z = rng.randn(seed, k, STREAM_ELBO) for the k-th of K Monte-Carlo timesteps
-t_k = rng.randint(seed, 0, STREAM_ELBO_TIMESTEPS, K, T): the same figures for a sample
-alone or in any batch.
+t_k = rng.randint(seed, 0, STREAM_ELBO_TIMESTEPS, K, T); with `draws` > 1, draw d keys
+step t + d T (or k + d K). The same figures for a sample alone or in any batch.
 """
 from __future__ import annotations
 
@@ -134,13 +134,15 @@ def _check_discretized(x0: torch.Tensor, bins: int, what: str, alternative: str)
 @torch.no_grad()
 def elbo(model, schedule: Schedule, x0: torch.Tensor, *, prediction: str = "epsilon", cond: dict | None = None,
          seeds=None, timesteps: int | None = None, variance: str = "fixed_small", decoder: str = "discretized",
-         bins: int = 256, decoder_variance: float | None = None, batch_timesteps: int = 25,
+         bins: int = 256, decoder_variance: float | None = None, draws: int = 1, batch_timesteps: int = 25,
          backend: str = "auto", dtype: torch.dtype | None = None) -> ELBO:
     """The variational bound per sample in bits/dim (module docstring).
 
     timesteps: None evaluates every timestep (T model calls per sample, `batch_timesteps`
     timesteps of every sample per model call); an int K draws K timesteps per sample and
     returns the unbiased estimate T/K sum_k L_{t_k} of the sum over timesteps.
+    draws: x_t draws per evaluated timestep, their terms averaged (the Monte-Carlo variance
+    falls as 1/draws; draw d of slot j is keyed by step j + d * slots, so draws=1 is d = 0).
     seeds: one per sample (default 0..B-1). decoder_variance: default beta at t = 0 (the
     posterior variance there is 0). backend: 'triton' fuses the KL reduction and builds the
     tables on the device (the CUDA default), 'torch' runs the reference. dtype: the model
@@ -156,8 +158,9 @@ def elbo(model, schedule: Schedule, x0: torch.Tensor, *, prediction: str = "epsi
         raise ValueError("elbo needs a schedule of at least 2 timesteps")
     if timesteps is not None and (not isinstance(timesteps, int) or isinstance(timesteps, bool) or timesteps < 1):
         raise ValueError(f"timesteps must be None (all) or a positive integer, got {timesteps!r}")
-    if not isinstance(batch_timesteps, int) or batch_timesteps < 1:
-        raise ValueError(f"batch_timesteps must be a positive integer, got {batch_timesteps!r}")
+    for name, v in (("batch_timesteps", batch_timesteps), ("draws", draws)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
     if decoder == "discretized":
         _check_discretized(x0, bins, "decoder='discretized'", "decoder='gaussian'")
     dec_var = float(schedule.betas[0]) if decoder_variance is None else decoder_variance
@@ -190,12 +193,13 @@ def elbo(model, schedule: Schedule, x0: torch.Tensor, *, prediction: str = "epsi
         t_all = rng.randint(seeds, 0, STREAM_ELBO_TIMESTEPS, timesteps, T, device=device)  # [B, K]
         steps = torch.arange(timesteps, device=device)[None].expand(B, timesteps)  # draw k keyed by step k
     K = t_all.shape[1]
-    values = torch.empty(B, K, dtype=torch.float64, device=device)
-    for lo in range(0, K, batch_timesteps):
-        hi = min(K, lo + batch_timesteps)
-        values[:, lo:hi] = _terms(model, x0, seeds, cond, t_all[:, lo:hi], steps[0, lo:hi].tolist(), abar, coef_t,
-                                  mdtype, backend, decoder, bins, dec_var)
-    values = values / (dims * LN2)
+    values = torch.zeros(B, K, dtype=torch.float64, device=device)
+    for d in range(draws):
+        for lo in range(0, K, batch_timesteps):
+            hi = min(K, lo + batch_timesteps)
+            values[:, lo:hi] += _terms(model, x0, seeds, cond, t_all[:, lo:hi], (steps[0, lo:hi] + d * K).tolist(),
+                                       abar, coef_t, mdtype, backend, decoder, bins, dec_var)
+    values = values / (draws * dims * LN2)
     prior = prior / (dims * LN2)
     is_dec = t_all == 0
     if timesteps is None:

@@ -161,6 +161,19 @@ def test_monte_carlo_timesteps_are_unbiased():
     torch.testing.assert_close(mc.bpd, mc.prior + mc.diffusion + mc.decoder)
 
 
+def test_several_draws_per_timestep_shrink_the_monte_carlo_spread():
+    s, n = schedule(50), 32
+    x0 = data(1, 8).repeat(n, 1)  # one sample under n seeds
+    one = elbo(GaussianDenoiser(s), s, x0, seeds=range(n), decoder="gaussian", batch_timesteps=50)
+    four = elbo(GaussianDenoiser(s), s, x0, seeds=range(n), decoder="gaussian", batch_timesteps=50, draws=4)
+    ratio = float(four.bpd.std() / one.bpd.std())
+    assert 0.3 < ratio < 0.75, ratio  # 1/sqrt(4) = 0.5
+    err = float(one.bpd.std()) / math.sqrt(n)
+    assert abs(float(four.bpd.mean() - one.bpd.mean())) < 4 * err
+    same = elbo(GaussianDenoiser(s), s, x0[:2], seeds=range(2), decoder="gaussian", draws=1)
+    assert torch.equal(same.bpd, one.bpd[:2])  # draws=1 is the default's draw
+
+
 @pytest.mark.parametrize("timesteps", [None, 6])
 def test_each_sample_is_the_same_alone_or_in_any_batch(timesteps):
     s = schedule(30)
@@ -189,7 +202,7 @@ def test_validation():
     m = GaussianDenoiser(s)
     x0 = data(2, 4)
     for kw, msg in [(dict(variance="learned"), "variance"), (dict(decoder="logistic"), "decoder"),
-                    (dict(timesteps=0), "timesteps"), (dict(batch_timesteps=0), "batch_timesteps"),
+                    (dict(timesteps=0), "timesteps"), (dict(batch_timesteps=0), "batch_timesteps"), (dict(draws=0), "draws"),
                     (dict(prediction="eps"), "prediction"), (dict(seeds=[1]), "seeds"),
                     (dict(decoder_variance=-1.0), "decoder_variance"), (dict(cond={"y": torch.zeros(3)}), "cond")]:
         with pytest.raises(ValueError, match=msg):
