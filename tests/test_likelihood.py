@@ -287,3 +287,13 @@ def test_ode_log_likelihood_validation():
             log_likelihood(m, s, x0, **kw)
     with pytest.raises(FloatingPointError, match="non-finite model output at sigma"):
         log_likelihood(lambda x, t: x * float("nan"), s, x0)
+
+
+def test_randint_is_the_64_bit_philox_value_mod_high():
+    seeds = [3, 2**40 + 7]
+    got = rng.randint(seeds, 9, 5, 6, 1000)
+    for b, seed in enumerate(seeds):
+        for k in range(6):
+            r0, r1, _, _ = (int(v) for v in rng.philox4x32(seed & 0xFFFFFFFF, seed >> 32, k, 9, 5, 0))
+            assert int(got[b, k]) == (r0 * 2**32 + r1) % 1000  # Python integers: no overflow
+    assert torch.equal(rng.randint(seeds[1:], 9, 5, 6, 1000), got[1:])
