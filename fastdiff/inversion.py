@@ -183,7 +183,8 @@ def check_invertible(sampler) -> None:
                          f"allowed: {', '.join(INVERTIBLE)} (ddim with eta=0)")
     th = sampler.threshold
     for name, used in (("clip_sample", th.clip is not None), ("thresholding", th.dynamic_ratio is not None),
-                       ("guidance_rescale", sampler.guidance_rescale != 0), ("classifier", sampler.classifier is not None),
+                       ("guidance_rescale", sampler.guidance_rescale != 0),
+                       ("classifier", sampler.classifier is not None),
                        ("corrector", sampler.corrector is not None)):
         if used:
             raise ValueError(f"invert does not support {name}: the step is then not affine in the model output")

@@ -139,7 +139,8 @@ def write_results(out: Path, cols, args, device, total: float, seconds: list[flo
         f"- ODE: Heun over {args.nll_ode_steps} Karras intervals ({2 * args.nll_ode_steps - 1} model calls), "
         f"{args.nll_probes} Rademacher probe(s), uniform dequantization",
         f"- device: {device_name}; torch {torch.__version__}; total {total / 60:.1f} min: ELBO "
-        f"{seconds[0]:.0f} s ({seconds[0] / n:.1f} s per digit), ODE {seconds[1]:.0f} s ({seconds[1] / n:.1f} s per digit)",
+        f"{seconds[0]:.0f} s ({seconds[0] / n:.1f} s per digit), "
+        f"ODE {seconds[1]:.0f} s ({seconds[1] / n:.1f} s per digit)",
         "",
         "| figure | mean ± s.e. over digits |", "|---|---:|",
         f"| ELBO bound (bpd) | {cell(bpd)} |", f"| prior term | {cell(prior)} |",

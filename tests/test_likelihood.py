@@ -32,7 +32,8 @@ def textbook(s):
     b = s.betas
     abar = torch.cumprod(1 - b, 0)
     prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
-    return abar, prev, b * prev.sqrt() / (1 - abar), (1 - prev) * (1 - b).sqrt() / (1 - abar), b * (1 - prev) / (1 - abar)
+    coef_x0, coef_xt = b * prev.sqrt() / (1 - abar), (1 - prev) * (1 - b).sqrt() / (1 - abar)
+    return abar, prev, coef_x0, coef_xt, b * (1 - prev) / (1 - abar)
 
 
 def exact_x0(x_t, abar):  # E[x0 | x_t] for x0 ~ N(MU, V^2)
@@ -202,7 +203,8 @@ def test_validation():
     m = GaussianDenoiser(s)
     x0 = data(2, 4)
     for kw, msg in [(dict(variance="learned"), "variance"), (dict(decoder="logistic"), "decoder"),
-                    (dict(timesteps=0), "timesteps"), (dict(batch_timesteps=0), "batch_timesteps"), (dict(draws=0), "draws"),
+                    (dict(timesteps=0), "timesteps"), (dict(batch_timesteps=0), "batch_timesteps"),
+                    (dict(draws=0), "draws"),
                     (dict(prediction="eps"), "prediction"), (dict(seeds=[1]), "seeds"),
                     (dict(decoder_variance=-1.0), "decoder_variance"), (dict(cond={"y": torch.zeros(3)}), "cond")]:
         with pytest.raises(ValueError, match=msg):
