@@ -24,7 +24,7 @@ for ddim/euler, 6-8 for heun, 7-13 for dpmpp_2m and unipc (20-100 steps), round 
 ~3e-7 relative. `naive` is the textbook inversion: one backward sweep in which each row's
 model is evaluated at the point that row leads to (the known point: the data for the last
 row), the row then solved for its input; it is DDIM inversion for ddim, first order in the
-step (round trip errors of 2-10% at 50 steps). Each sample stops on its own tolerance.
+step (round trip errors of 5-50% at 50 steps). Each sample stops on its own tolerance.
 """
 from __future__ import annotations
 
