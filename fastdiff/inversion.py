@@ -47,6 +47,7 @@ def compose(table: StepTable, by_denoised: list[bool]) -> tuple[torch.Tensor, to
     R = table.rows
     if bool((table.state[:, Z] != 0).any()) or (table.point is not None and bool((table.point[:, Z] != 0).any())):
         raise ValueError(f"solver {table.solver!r} draws noise: only deterministic tables invert")
+    push_row = getattr(table, "push_row", None)  # an affine history push (a past epsilon); None: D
     basis = torch.eye(R + 1, dtype=torch.float64)
     x = p = basis[0]
     history: list[torch.Tensor] = []  # newest first, as H0, H1, ...
@@ -70,7 +71,8 @@ def compose(table: StepTable, by_denoised: list[bool]) -> tuple[torch.Tensor, to
         p = apply(table.point[r]) if table.point is not None else x_next
         x = x_next
         if bool(table.push[r]):
-            history = ([d] + history)[: table.history_len]
+            pushed = d if push_row is None else apply(push_row[r])
+            history = ([pushed] + history)[: table.history_len]
     return points, x
 
 
