@@ -8,8 +8,8 @@ the same labels (seed i gets class i % num_classes), so cells are paired sample 
   interval   FD +- 1.96 standard deviations of the FD over bootstrap resamples of the cell's
              samples (a resample repeats samples, which biases its FD upward: its spread, not its
              centre, is used); accuracy: the 2.5-97.5 percentiles over the same resamples;
-  vs base    the paired bootstrap interval of FD(cell) / FD(base cell): the difference is
-             within noise when it contains 1;
+  vs base    FD(cell) / FD(base cell) with a paired interval: its value times exp(+-1.96 sd of
+             the log ratio over the same resamples); the difference is within noise when it contains 1;
   floor      the FD of n real digits against the real digits' statistics, over several
              disjoint draws of n (the best a perfect sampler does at this n).
 
@@ -21,6 +21,7 @@ Features of each cell are kept in --cache (safetensors), so a rerun skips cells 
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import time
 from dataclasses import dataclass
@@ -96,8 +97,9 @@ def real_floor(judge: Judge, n: int, draws: int = 5) -> list[float]:
 
 def bootstrap(features: dict[str, torch.Tensor], correct: dict[str, torch.Tensor], judge: Judge, base: str | None,
               resamples: int = BOOTSTRAP, seed: int = 0) -> dict[str, dict]:
-    """Per cell: intervals for FD and accuracy from the same `resamples` index sets, and the
-    percentile interval of FD / FD(base) (a ratio of equally biased resampled FDs)."""
+    """Per cell: intervals for FD, accuracy and FD / FD(base) from the same `resamples` index sets.
+    A resample repeats samples, which biases its FD upward: FD and the ratio take the resamples'
+    spread (of FD, of log ratio) around the full sample's value; accuracy their percentiles."""
     n = next(iter(features.values())).shape[0]
     gen = torch.Generator().manual_seed(seed)
     idx = [torch.randint(0, n, (n,), generator=gen) for _ in range(resamples)]
@@ -107,7 +109,8 @@ def bootstrap(features: dict[str, torch.Tensor], correct: dict[str, torch.Tensor
     for k in features:
         ratio = None
         if base is not None and base in fds:
-            ratio = (fd_of(features[k], judge) / fd_of(features[base], judge), *percentiles(fds[k] / fds[base]))
+            r, spread = fd_of(features[k], judge) / fd_of(features[base], judge), float((fds[k] / fds[base]).log().std())
+            ratio = (r, r * math.exp(-1.96 * spread), r * math.exp(1.96 * spread))
         fd, spread = fd_of(features[k], judge), 1.96 * float(fds[k].std())
         out[k] = {"fd_interval": (fd - spread, fd + spread), "accuracy_interval": percentiles(accs[k]), "ratio": ratio}
     return out
@@ -175,8 +178,8 @@ def write_markdown(cells: list[QualityCell], path: Path, header: dict, floor: li
     lines += [f"- real digits, {len(floor)} disjoint draws of the same n: FD " + ", ".join(f"{v:.1f}" for v in floor)
               + f" (the floor at this n; their spread is the spread between seed sets of a perfect sampler)",
               f"- intervals from {BOOTSTRAP} bootstrap resamples of the samples (the same indices in every cell, so "
-              "cells are compared pairwise): FD +- 1.96 bootstrap standard deviations; accuracy and FD ratios: "
-              "2.5-97.5 percentiles", ""]
+              "cells are compared pairwise): FD +- 1.96 bootstrap standard deviations; FD ratio times exp(+-1.96 sd of "
+              "its log); accuracy: 2.5-97.5 percentiles", ""]
     ratio_head = f" | FD / FD({base}) (95% paired)" if base else ""
     lines += [f"| cell | NFE | steps | accuracy (95%) | FD (95%){ratio_head} | seconds |",
               "|---|---:|---:|---|---|" + ("---|" if base else "") + "---:|"]
