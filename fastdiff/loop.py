@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from . import rng
+from . import conditioning, rng
 from .guidance import classifier_guided
 from .models.adapters import plain_output
 from .rng import STREAM_CORRECTOR
@@ -36,7 +36,7 @@ class LoopBuffers:
         self.cfg_w = torch.ones((table.rows, batch), **f32) if cfg else None
         self.t = table.t_model.to(**f32)[:, None].expand(table.rows, G * batch).contiguous()  # [R, G*B]
         self.out_sums = torch.zeros(table.rows, dtype=torch.float64, device=device)  # nonfinite_probe per row
-        self.cond: dict[str, torch.Tensor] = {}
+        self.cond: dict | None = None  # the model's keyword arguments, static copies (load)
 
     def write_model_input(self, value: torch.Tensor) -> None:
         B = self.batch
@@ -52,10 +52,7 @@ class LoopBuffers:
         self.seeds.copy_(seeds)
         if self.cfg:
             self.cfg_w.copy_(cfg_w)
-        for k, v in cond.items():
-            if k not in self.cond or self.cond[k].shape != v.shape or self.cond[k].dtype != v.dtype:
-                self.cond[k] = torch.empty_like(v)
-            self.cond[k].copy_(v)
+        self.cond = conditioning.copy_into(self.cond, cond)  # nested; see fastdiff/conditioning.py
         self.out_sums.zero_()
         self.write_model_input(c_in0 * self.x if self.point is None else c_in0 * self.point)
 
@@ -92,7 +89,7 @@ class Loop:
         if self.classifier is not None:
             B = b.batch
             out = classifier_guided(out, self.classifier, self.classifier_scale, b.model_in[:B], b.t[r][:B],
-                                    {k: v[-B:] for k, v in b.cond.items()},  # the conditional half
+                                    conditioning.map_tensors(lambda v: v[-B:], b.cond),  # the cond half
                                     self.abar[r], self.executor.d_out[r])
         b.out_sums[r].add_(nonfinite_probe(out))
         return out

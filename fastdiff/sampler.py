@@ -16,7 +16,7 @@ from collections import OrderedDict
 
 import torch
 
-from . import rng, runners
+from . import conditioning, rng, runners
 from .devices import on_device
 from .executors import EXECUTORS, resolve_backend
 from .grids import SIGMA_GRIDS, SPACINGS, make_grid
@@ -204,7 +204,7 @@ class Sampler:
             x0 = noise_to_level(init.to(self.device, torch.float32), abar, noise=x_T)
             if table.space == "ve":
                 x0 = x0 / math.sqrt(float(self.grid.abar[start]))
-        kwargs = _batched_kwargs(cond, uncond, cfg, B, self.device)
+        kwargs = conditioning.batched(cond, uncond, cfg, self.device)
         cfg_w = None
         if cfg:
             w_t = torch.as_tensor(w, dtype=torch.float32, device=self.device).reshape(-1)
@@ -235,20 +235,11 @@ class Sampler:
         return rng.randn(seeds, 0, STREAM_INIT, shape[1:], device=self.device), seeds
 
     def _check_conditioning(self, cond, uncond, w, B) -> bool:
-        for name, d in (("cond", cond), ("uncond", uncond)):
-            if d is None:
-                continue
-            if not isinstance(d, dict):
-                raise ValueError(f"{name} must be a dict of model keyword arguments")
-            for k, v in d.items():
-                if torch.is_tensor(v) and (v.ndim == 0 or v.shape[0] != B):
-                    raise ValueError(f"{name}[{k!r}] must be batched along dim 0 with {B} rows")
+        conditioning.check(cond, uncond, B)
         if w is not None and uncond is None:
             raise ValueError("guidance_scale needs uncond= (the unconditional model keyword arguments)")
         if uncond is not None and w is None:
             raise ValueError("uncond given without a guidance_scale")
-        if uncond is not None and set(uncond) != set(cond or {}):
-            raise ValueError(f"cond and uncond must have the same keys, got {sorted(cond or {})} and {sorted(uncond)}")
         return uncond is not None
 
     def _start_step(self, init, strength, x_T) -> int:
@@ -273,7 +264,7 @@ class Sampler:
         # OptimizedModule forwards len() to the model, which raises for most nn.Modules
 
     def _runner(self, table, start, B, sample_shape, cfg, kwargs):
-        key = (start, B, sample_shape, self.dtype, cfg, tuple((k, v.shape, v.dtype) for k, v in kwargs.items()))
+        key = (start, B, sample_shape, self.dtype, cfg, conditioning.signature(kwargs))
         if key in self._runners:
             self._runners.move_to_end(key)
             return self._runners[key]
@@ -318,13 +309,3 @@ class Sampler:
     def num_cached_graphs(self) -> int:
         return sum(1 for r in self._runners.values() if getattr(r, "graph", None) is not None)
 
-
-def _batched_kwargs(cond, uncond, cfg, B, device) -> dict:
-    cond = cond or {}
-    out = {}
-    for k, v in cond.items():
-        if not torch.is_tensor(v):
-            raise ValueError(f"cond[{k!r}] must be a tensor batched along dim 0")
-        v = v.to(device)
-        out[k] = torch.cat([uncond[k].to(device), v]) if cfg else v
-    return out
