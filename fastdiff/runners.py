@@ -86,10 +86,12 @@ class EagerRunner:
         bufs = self.loop.bufs
         bufs.load(x0, seeds, cfg_w, kwargs, float(self.table.c_in[0]))
         bar = None
-        if progress:
+        if progress is not False and progress is not None:  # True, or a dict of tqdm options
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=self.table.rows, desc="sampling", unit="step", leave=False)
+            options = dict(desc="sampling", unit="step", leave=False)
+            options.update(progress if isinstance(progress, dict) else {})
+            bar = tqdm(total=self.table.rows, **options)
         try:
             self.loop.run(progress=bar)
         finally:

@@ -181,13 +181,14 @@ class Sampler:
     @torch.no_grad()
     def sample(self, noise: torch.Tensor | None = None, *, shape=None, seeds=None, cond: dict | None = None,
                uncond: dict | None = None, guidance_scale=None, init: torch.Tensor | None = None,
-               strength: float | None = None, progress: bool = False) -> torch.Tensor:
+               strength: float | None = None, progress: bool | dict = False) -> torch.Tensor:
         """Draw samples; returns float32 [B, *S] in data units (see the class docstring).
 
         noise: x_T ~ N(0, I) (scaled by init_noise_sigma here); or shape + seeds, from which
         noise is drawn per sample.  cond/uncond: model keyword arguments batched along dim 0;
         with uncond and a guidance scale, one batched [uncond; cond] call per step.
         init + strength: img2img/SDEdit, starting from init noised to the strength's level.
+        progress: a tqdm bar over the steps (True, or a dict of tqdm options); eager loops only.
         """
         x_T, seeds = self._initial_noise(noise, shape, seeds)
         B = x_T.shape[0]

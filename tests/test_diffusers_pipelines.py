@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 
 from fastdiff import rng  # noqa: E402
-from fastdiff.integrations.diffusers import accelerate, seeds_from_generator  # noqa: E402
+from fastdiff.integrations.pipelines import accelerate, seeds_from_generator  # noqa: E402
 from fastdiff.rng import STREAM_STEP  # noqa: E402
 
 # diffusers' own deprecation noise (numpy __array__ copy=, deprecated algorithm types)
