@@ -47,7 +47,9 @@ def tiny_unet(device="cpu"):
         up_block_types=("AttnUpBlock2D", "UpBlock2D")).to(device).eval()
 
 
-def tiny_sd(scheduler, tmp_path, device="cpu"):
+def tiny_sd(scheduler, tmp_path, device="cpu", cls=None, in_channels=4, **components):
+    """A tiny SD-family pipeline (`cls`, default StableDiffusionPipeline) with a CLIP tokenizer over
+    a generated vocabulary; in_channels=9 gives an inpainting U-Net; components adds e.g. a controlnet."""
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for suffix in ("", "</w>"):
         for c in string.ascii_lowercase:
@@ -61,17 +63,20 @@ def tiny_sd(scheduler, tmp_path, device="cpu"):
         bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=16, intermediate_size=32, num_attention_heads=2,
         num_hidden_layers=2, vocab_size=len(vocab), max_position_embeddings=16))
     unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        sample_size=8, in_channels=in_channels, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
         norm_num_groups=4, cross_attention_dim=16, attention_head_dim=2,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16)
-    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                             scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                             requires_safety_checker=False).to(device)
+    pipe = (cls or diffusers.StableDiffusionPipeline)(
+        vae=tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False, **components).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_vae():
+    return diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16)
 
 
 def test_ddpm_pipeline(monkeypatch):
@@ -188,3 +193,173 @@ def test_ddim_pipeline_graph_on_cuda():
     (want,) = pipe(generator=torch.Generator("cuda").manual_seed(0), **kw)
     (got,) = accelerate(pipe, graph=True)(generator=torch.Generator("cuda").manual_seed(0), **kw)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+# ---- SDXL, img2img, inpainting, ControlNet: tiny components, embeddings instead of text encoders ----
+def tiny_sdxl(scheduler, cls=None):
+    """A tiny SDXL pipeline without text encoders (callers pass prompt and pooled embeddings)."""
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        norm_num_groups=4, cross_attention_dim=16, attention_head_dim=2, addition_embed_type="text_time",
+        addition_time_embed_dim=4, projection_class_embeddings_input_dim=6 * 4 + 8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+    pipe = (cls or diffusers.StableDiffusionXLPipeline)(
+        vae=tiny_vae(), text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, unet=unet,
+        scheduler=scheduler, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sdxl_embeddings(batch, seed):
+    g = torch.Generator().manual_seed(seed)
+    return dict(prompt_embeds=torch.randn(batch, 5, 16, generator=g), pooled_prompt_embeds=torch.randn(batch, 8, generator=g),
+                negative_prompt_embeds=torch.randn(batch, 5, 16, generator=g),
+                negative_pooled_prompt_embeds=torch.randn(batch, 8, generator=g))
+
+
+def assert_same_latents(pipe, apipe, seed=3, **kw):
+    want = pipe(generator=torch.Generator().manual_seed(seed), output_type="latent", **kw).images
+    got = apipe(generator=torch.Generator().manual_seed(seed), output_type="latent", **kw).images
+    torch.testing.assert_close(got, want, atol=2e-4 * float(want.abs().max()), rtol=0)
+    return got
+
+
+SDXL_SCHEDULERS = {  # scheduler, the module whose per-step noise a stochastic one draws
+    "euler": (diffusers.EulerDiscreteScheduler(**SD_SCHEDULE, timestep_spacing="leading", steps_offset=1),  # SDXL's
+              None),
+    "dpmpp": (diffusers.DPMSolverMultistepScheduler(**SD_SCHEDULE, use_karras_sigmas=True), None),
+    "euler-ancestral": (diffusers.EulerAncestralDiscreteScheduler(**SD_SCHEDULE),
+                        "scheduling_euler_ancestral_discrete"),
+}
+
+
+@pytest.mark.parametrize("name", SDXL_SCHEDULERS)
+def test_sdxl_pipeline(name, monkeypatch):
+    scheduler, noise_module = SDXL_SCHEDULERS[name]
+    pipe = tiny_sdxl(scheduler)
+    apipe = accelerate(pipe)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    if noise_module:  # given latents, the generator's first draws are fastdiff's seeds
+        fastdiff_noise(monkeypatch, noise_module, seeds_from_generator(torch.Generator().manual_seed(3), 2))
+        assert_same_latents(pipe, apipe, guidance_scale=5.0, num_inference_steps=4, latents=latents,
+                            **sdxl_embeddings(2, 0))
+        return
+    kw = dict(num_inference_steps=4, latents=latents, **sdxl_embeddings(2, 0))
+    # CFG, with negative micro-conditioning that differs (the pipeline's row layout is kept), and rescale
+    got = assert_same_latents(pipe, apipe, guidance_scale=5.0, guidance_rescale=0.5, negative_original_size=(8, 8),
+                              negative_target_size=(12, 16), **kw)
+    assert_same_latents(pipe, apipe, guidance_scale=1.0, **kw)  # no CFG: cond rows only
+    other = assert_same_latents(pipe, apipe, guidance_scale=5.0, original_size=(32, 32), **kw)
+    assert not torch.allclose(got, other)  # the time ids reach the U-Net
+    if name == "euler":  # decoded images through the pipeline's VAE and postprocessing
+        want = pipe(output_type="np", guidance_scale=5.0, **kw).images
+        np.testing.assert_allclose(apipe(output_type="np", guidance_scale=5.0, **kw).images, want, atol=1e-4)
+
+
+def test_img2img_pipelines_start_from_the_noised_image(tmp_path):
+    image = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(6))
+    sd = tiny_sd(diffusers.DDIMScheduler(**SD_SCHEDULE, set_alpha_to_one=False), tmp_path,
+                 cls=diffusers.StableDiffusionImg2ImgPipeline)
+    for strength in (0.6, 1.0):  # the VAE's latent sample and the noise come from the generator, in order
+        assert_same_latents(sd, accelerate(sd), prompt=["a cat", "a dog"], image=image, strength=strength,
+                            num_inference_steps=5, guidance_scale=6.0)
+    xl = tiny_sdxl(diffusers.EulerDiscreteScheduler(**SD_SCHEDULE, timestep_spacing="leading", steps_offset=1),
+                   cls=diffusers.StableDiffusionXLImg2ImgPipeline)
+    axl = accelerate(xl)
+    for w in (5.0, 1.0):
+        assert_same_latents(xl, axl, image=image, strength=0.5, num_inference_steps=6, guidance_scale=w,
+                            **sdxl_embeddings(2, 1))
+    with pytest.raises(NotImplementedError, match="denoising_start"):
+        axl(image=image, denoising_start=0.5, **sdxl_embeddings(2, 1))
+
+
+def test_inpainting_pipeline_with_a_9_channel_unet(tmp_path):
+    g = torch.Generator().manual_seed(7)
+    image, mask = torch.rand(1, 3, 16, 16, generator=g), (torch.rand(1, 1, 16, 16, generator=g) > 0.5).float()
+    pipe = tiny_sd(diffusers.EulerDiscreteScheduler(**SD_SCHEDULE), tmp_path,
+                   cls=diffusers.StableDiffusionInpaintPipeline, in_channels=9)
+    apipe = accelerate(pipe)
+    for strength, w in ((1.0, 7.0), (0.7, 7.0), (1.0, 1.0)):
+        assert_same_latents(pipe, apipe, prompt="a cat", image=image, mask_image=mask, strength=strength,
+                            num_inference_steps=4, guidance_scale=w)
+    unet4 = tiny_sd(diffusers.EulerDiscreteScheduler(**SD_SCHEDULE), tmp_path,
+                    cls=diffusers.StableDiffusionInpaintPipeline)
+    with pytest.raises(NotImplementedError, match="4-channel U-Net"):
+        accelerate(unet4)
+
+
+def tiny_controlnet():
+    torch.manual_seed(1)
+    controlnet = diffusers.ControlNetModel(
+        in_channels=4, layers_per_block=1, block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=16,
+        attention_head_dim=2, conditioning_embedding_out_channels=(4, 8),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"))
+    with torch.no_grad():  # its output convolutions start at zero, which would hide the residuals
+        for p in [*controlnet.controlnet_down_blocks.parameters(), *controlnet.controlnet_mid_block.parameters()]:
+            p.normal_(0, 0.3)
+    return controlnet
+
+
+def test_controlnet_pipeline_with_per_step_scales(tmp_path):
+    pipe = tiny_sd(diffusers.DPMSolverMultistepScheduler(**SD_SCHEDULE), tmp_path,
+                   cls=diffusers.StableDiffusionControlNetPipeline, controlnet=tiny_controlnet())
+    apipe = accelerate(pipe)
+    control = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(8))
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(9))
+    kw = dict(prompt=["a cat", "a dog"], image=control, latents=latents, num_inference_steps=5)
+    windowed = assert_same_latents(pipe, apipe, guidance_scale=6.0, controlnet_conditioning_scale=0.7,
+                                   control_guidance_start=0.2, control_guidance_end=0.7, **kw)
+    full = assert_same_latents(pipe, apipe, guidance_scale=6.0, controlnet_conditioning_scale=0.7, **kw)
+    assert_same_latents(pipe, apipe, guidance_scale=1.0, **kw)
+    assert not torch.allclose(windowed, full)  # the per-step window reaches the ControlNet
+    assert len({id(s) for s in apipe._samplers.values()}) == 1 + 1  # the default steps, then one for all scales
+    with pytest.raises(NotImplementedError, match="guess_mode"):
+        apipe(guess_mode=True, **kw)
+    multi = diffusers.MultiControlNetModel([tiny_controlnet(), tiny_controlnet()])
+    with pytest.raises(NotImplementedError, match="MultiControlNetModel"):
+        accelerate(tiny_sd(diffusers.DDIMScheduler(**SD_SCHEDULE), tmp_path,
+                           cls=diffusers.StableDiffusionControlNetPipeline, controlnet=multi))
+
+
+class OffloadHook:
+    """What accelerate's add_hook_to_module leaves on a module (`_hf_hook`), with a forward that
+    counts calls; accelerate itself is not installed here."""
+
+    def __init__(self, module):
+        self.calls, self.forward = 0, module.forward
+        module._hf_hook = self
+
+        def hooked(*args, **kwargs):
+            self.calls += 1  # accelerate would move the weights to the execution device here
+            return self.forward(*args, **kwargs)
+
+        module.forward = hooked
+
+
+def test_offload_hooks_run_the_loop_without_a_graph(tmp_path):
+    pipe = tiny_sd(diffusers.DDIMScheduler(**SD_SCHEDULE), tmp_path)
+    apipe = accelerate(pipe)
+    assert all(s.graph_mode == "auto" for s in apipe._samplers.values())
+    hook = OffloadHook(pipe.unet)
+    kw = dict(prompt="a cat", num_inference_steps=3, output_type="latent")
+    with pytest.warns(RuntimeWarning, match="unet carries accelerate offload hooks.*graph=False") as caught:
+        got = apipe(generator=torch.Generator().manual_seed(0), **kw).images
+        apipe(generator=torch.Generator().manual_seed(0), **kw)  # said once
+    assert len([w for w in caught if "offload" in str(w.message)]) == 1
+    assert [s.graph_mode for s in apipe._samplers.values()].count(False) == 1 and hook.calls == 6
+    want = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    torch.testing.assert_close(got, want, atol=1e-4 * float(want.abs().max()), rtol=0)
+    with pytest.raises(ValueError, match="graph=True.*offload hooks"):
+        accelerate(pipe, graph=True)
+
+
+def test_progress_bar_follows_the_pipelines_config(tmp_path, capsys):
+    pipe = tiny_sd(diffusers.DDIMScheduler(**SD_SCHEDULE), tmp_path)
+    apipe = accelerate(pipe)
+    pipe.set_progress_bar_config(desc="tiny-denoise", disable=False)
+    apipe("a cat", num_inference_steps=2, output_type="latent")
+    assert "tiny-denoise" in capsys.readouterr().err
+    pipe.set_progress_bar_config(disable=True)
+    apipe("a cat", num_inference_steps=2, output_type="latent")
+    assert "tiny-denoise" not in capsys.readouterr().err

@@ -81,7 +81,10 @@ def _fresh_scheduler(scheduler_or_config, overrides: dict):
     import diffusers
 
     if isinstance(scheduler_or_config, diffusers.SchedulerMixin):
-        cls, config = type(scheduler_or_config), scheduler_or_config.config
+        # its config as it is now: from_config would reset the fields listed in `_use_default_values`,
+        # which pipelines overwrite in place (StableDiffusionPipeline sets steps_offset=1, clip_sample=False)
+        cls = type(scheduler_or_config)
+        config = {k: v for k, v in scheduler_or_config.config.items() if k != "_use_default_values"}
     elif isinstance(scheduler_or_config, dict):
         config = scheduler_or_config
         name = config.get("_class_name")

@@ -213,6 +213,9 @@ class AcceleratedPipeline:
         hooked = offload_hooks(self.pipe)
         if not hooked or self.graph is False:
             return self.graph
+        if self.graph is True:
+            raise ValueError(f"accelerate: graph=True cannot hold a model whose weights move: {', '.join(hooked)} "
+                             "carries accelerate offload hooks; use graph='auto' or graph=False")
         if not self._offload_warned:
             self.__dict__["_offload_warned"] = True
             warnings.warn(f"accelerate: {', '.join(hooked)} carries accelerate offload hooks (CPU offload moves its "
@@ -425,8 +428,10 @@ class AcceleratedPipeline:
 
         pipe, img2img = self.pipe, self.kind == "StableDiffusionXLImg2ImgPipeline"
         cfg, prompts = self._begin(a)
-        default = pipe.default_sample_size * pipe.vae_scale_factor
-        height, width = a.get("height") or default, a.get("width") or default
+        height = width = None  # img2img: from the image's latents
+        if not img2img:
+            default = pipe.default_sample_size * pipe.vae_scale_factor
+            height, width = a["height"] or default, a["width"] or default
         check = dict(a, height=height, width=width, callback_steps=None,
                      callback_on_step_end_tensor_inputs=list(a["callback_on_step_end_tensor_inputs"]))
         _check_inputs(pipe, check)
