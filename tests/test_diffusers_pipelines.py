@@ -363,3 +363,32 @@ def test_progress_bar_follows_the_pipelines_config(tmp_path, capsys):
     pipe.set_progress_bar_config(disable=True)
     apipe("a cat", num_inference_steps=2, output_type="latent")
     assert "tiny-denoise" not in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+def test_sdxl_controlnet_and_inpainting_graphs_on_cuda(tmp_path):
+    """One captured graph per pipeline; the second call replays it with new conditioning values."""
+    sdxl = tiny_sdxl(diffusers.EulerDiscreteScheduler(**SD_SCHEDULE)).to("cuda")
+    control = tiny_sd(diffusers.DDIMScheduler(**SD_SCHEDULE), tmp_path, device="cuda",
+                      cls=diffusers.StableDiffusionControlNetPipeline, controlnet=tiny_controlnet().cuda())
+    inpaint = tiny_sd(diffusers.EulerDiscreteScheduler(**SD_SCHEDULE), tmp_path, device="cuda",
+                      cls=diffusers.StableDiffusionInpaintPipeline, in_channels=9)
+    g = torch.Generator().manual_seed(10)
+    image, mask = torch.rand(2, 3, 16, 16, generator=g).cuda(), (torch.rand(2, 1, 16, 16, generator=g) > 0.5).float()
+    latents = torch.randn(2, 4, 8, 8, generator=g).cuda()
+    cases = [(sdxl, [dict(guidance_scale=w, **{k: v.cuda() for k, v in sdxl_embeddings(2, s).items()})
+                     for w, s in ((5.0, 0), (3.0, 1))]),
+             (control, [dict(prompt=["a cat", "a dog"], image=image, guidance_scale=6.0, controlnet_conditioning_scale=c,
+                             control_guidance_end=e) for c, e in ((0.7, 0.6), (1.2, 1.0))]),
+             (inpaint, [dict(prompt=["a cat", "a dog"], image=image, mask_image=m, guidance_scale=7.0)
+                        for m in (mask.cuda(), 1 - mask.cuda())])]
+    for pipe, calls in cases:
+        apipe = accelerate(pipe, graph=True)
+        for kw in calls:
+            kw = dict(kw, num_inference_steps=4, output_type="latent")
+            if pipe is not inpaint:
+                kw["latents"] = latents
+            want = pipe(generator=torch.Generator("cuda").manual_seed(0), **kw).images
+            got = apipe(generator=torch.Generator("cuda").manual_seed(0), **kw).images
+            torch.testing.assert_close(got, want, atol=1e-3 * float(want.abs().max()), rtol=0)
+        assert sum(s.num_cached_graphs for s in apipe._samplers.values()) == 1
