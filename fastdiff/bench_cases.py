@@ -349,3 +349,46 @@ def model_alone(lm: LoopModel, device, graph: bool = False,
         return x, t, kwargs
 
     return run, lm.steps
+
+
+# ---- pipelines: a diffusers pipeline and accelerate(pipeline), end to end -----------------
+@dataclass
+class PipelineCase:
+    """A tiny random-weight pipeline and the keywords of one call (embeddings, no tokenizer)."""
+    name: str
+    pipe: object
+    call: dict
+    info: dict = field(default_factory=dict)
+
+
+def tiny_sdxl_pipeline(device, batch: int = 2, steps: int = 10, size: int = 16) -> PipelineCase:
+    """StableDiffusionXLPipeline with its default EulerDiscreteScheduler: a 2-block U-Net with SDXL's
+    text-time conditioning, a 2-block VAE, CFG 5 over random prompt/pooled embeddings; latents size^2."""
+    import diffusers
+
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 16,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=2 * size)
+    scheduler = diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                                 timestep_spacing="leading", steps_offset=1)
+    pipe = diffusers.StableDiffusionXLPipeline(vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=None,
+                                               tokenizer_2=None, unet=unet, scheduler=scheduler,
+                                               add_watermarker=False).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    r = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
+    call = dict(prompt_embeds=r(batch, 8, 32), pooled_prompt_embeds=r(batch, 16), negative_prompt_embeds=r(batch, 8, 32),
+                negative_pooled_prompt_embeds=r(batch, 16), guidance_scale=5.0, num_inference_steps=steps,
+                output_type="np")
+    info = dict(case=f"tiny-sdxl-b{batch}", pipeline="StableDiffusionXLPipeline", scheduler="EulerDiscreteScheduler",
+                steps=steps, batch=batch, cfg=True, latent=[4, size, size])
+    return PipelineCase("sdxl", pipe, call, info)
+
+
+PIPELINE_CASES = {"sdxl": tiny_sdxl_pipeline}

@@ -230,9 +230,11 @@ class AcceleratedPipeline:
             return ControlledUNet(self.pipe.unet, self.pipe.controlnet)
         return self.pipe.unet
 
-    def sampler(self, steps: int, **options) -> Sampler:
-        """The cached Sampler (and its graphs) for the current scheduler, denoiser, `steps` and options."""
-        sched, unet, device = self.pipe.scheduler, self.pipe.unet, self.pipe._execution_device
+    def sampler(self, steps: int, device=None, **options) -> Sampler:
+        """The cached Sampler (and its graphs) for the current scheduler, denoiser, `steps` and options
+        (device: the pipeline's execution device, which costs a walk over its components to find)."""
+        sched, unet = self.pipe.scheduler, self.pipe.unet
+        device = device or self.pipe._execution_device
         graph = self._graph_mode()
         config = json.dumps(dict(sched.config), sort_keys=True,
                             default=lambda v: v.tolist() if hasattr(v, "tolist") else repr(v))
@@ -275,9 +277,10 @@ class AcceleratedPipeline:
         options = {}
         if self.kind == "DDIMPipeline":
             options = dict(eta=float(eta), use_clipped_model_output=bool(use_clipped_model_output))
-        sampler = self.sampler(num_inference_steps, **options)
+        device = pipe._execution_device
+        sampler = self.sampler(num_inference_steps, device, **options)
         # x_T exactly as the pipeline draws it
-        image = randn_tensor(shape, generator=generator, device=pipe._execution_device, dtype=unet.dtype)
+        image = randn_tensor(shape, generator=generator, device=device, dtype=unet.dtype)
         pipe.scheduler.set_timesteps(num_inference_steps)
         x = sampler.sample(noise=image, seeds=self._seeds(sampler, generator, batch_size), progress=self._progress())
         image = (x.to(unet.dtype) / 2 + 0.5).clamp(0, 1)
@@ -301,16 +304,16 @@ class AcceleratedPipeline:
         batch = (1 if isinstance(prompt, str) else len(prompt)) if prompt is not None else a["prompt_embeds"].shape[0]
         return pipe.do_classifier_free_guidance, batch
 
-    def _loop_sampler(self, a: dict, cfg: bool) -> Sampler:
+    def _loop_sampler(self, a: dict, cfg: bool, device) -> Sampler:
         pipe = self.pipe
         options = dict(guidance_rescale=float(a.get("guidance_rescale", 0.0)) if cfg else 0.0)
         if "eta" in inspect.signature(pipe.scheduler.step).parameters:  # as the pipeline's prepare_extra_step_kwargs
             options["eta"] = float(a["eta"])
-        sampler = self.sampler(a["num_inference_steps"], **options)
-        pipe.scheduler.set_timesteps(a["num_inference_steps"], device=pipe._execution_device)  # as diffusers
+        sampler = self.sampler(a["num_inference_steps"], device, **options)
+        pipe.scheduler.set_timesteps(a["num_inference_steps"], device=device)  # as diffusers
         return sampler
 
-    def _start(self, a: dict, prepare, batch: int) -> dict:
+    def _start(self, a: dict, prepare, batch: int, device) -> dict:
         """The initial latents as sample() keywords: text-to-image `noise` (x_T), or for img2img
         the noise and the clean latents that the pipeline's prepare_latents passes to add_noise."""
         pipe = self.pipe
@@ -319,7 +322,7 @@ class AcceleratedPipeline:
             return dict(noise=prepare() / pipe.scheduler.init_noise_sigma)  # fastdiff applies the scale itself
         if a.get("latents") is not None:
             raise NotImplementedError("accelerate: latents with strength < 1 is not supported")
-        timesteps, _ = pipe.get_timesteps(a["num_inference_steps"], strength, pipe._execution_device)
+        timesteps, _ = pipe.get_timesteps(a["num_inference_steps"], strength, device)
         with _recorded_add_noise(pipe.scheduler) as seen:
             prepare(timesteps[:1].repeat(batch))
         return dict(noise=seen["noise"], init=seen["init"], strength=strength)
@@ -361,7 +364,7 @@ class AcceleratedPipeline:
             image = pipe.image_processor.preprocess(a["image"])
         elif kind == "StableDiffusionInpaintPipeline":
             image = pipe.image_processor.preprocess(a["image"], height=height, width=width).to(torch.float32)
-        sampler = self._loop_sampler(a, cfg)
+        sampler = self._loop_sampler(a, cfg, device)
         if kind == "StableDiffusionImg2ImgPipeline":
             def prepare(timestep):
                 return pipe.prepare_latents(image, timestep, prompts, n, dtype, device, a["generator"])
@@ -374,7 +377,7 @@ class AcceleratedPipeline:
             def prepare():
                 return pipe.prepare_latents(B, pipe.unet.config.in_channels, height, width, dtype, device,
                                             a["generator"], a["latents"])
-        start = self._start(a, prepare, B)
+        start = self._start(a, prepare, B, device)
         if kind == "StableDiffusionInpaintPipeline":
             mask_condition = pipe.mask_processor.preprocess(a["mask_image"], height=height, width=width)
             masked = a["masked_image_latents"]
@@ -446,7 +449,7 @@ class AcceleratedPipeline:
         B, dtype = prompts * n, embeds.dtype
         if img2img:
             image = pipe.image_processor.preprocess(a["image"])
-        sampler = self._loop_sampler(a, cfg)
+        sampler = self._loop_sampler(a, cfg, device)
         if img2img:
             def prepare(timestep):
                 return pipe.prepare_latents(image, timestep, prompts, n, dtype, device, a["generator"], True)
@@ -454,7 +457,7 @@ class AcceleratedPipeline:
             def prepare():
                 return pipe.prepare_latents(B, pipe.unet.config.in_channels, height, width, dtype, device,
                                             a["generator"], a["latents"])
-        start = self._start(a, prepare, B)
+        start = self._start(a, prepare, B, device)
         if img2img:
             height, width = (s * pipe.vae_scale_factor for s in start["noise"].shape[-2:])
         time_ids, negative_time_ids = self._time_ids(a, height, width, pooled, dtype, B, cfg)
