@@ -316,7 +316,8 @@ def markdown(results: dict, png_name: str | None) -> str:
         lines += table(["pipeline", "scheduler, steps, batch", "original", "accelerated", "speedup (interval)",
                         "first call (original / accelerated)"],
                        [[c["pipeline"], f"{c['scheduler']}, {c['steps']}, {c['batch']}{' CFG' if c['cfg'] else ''}",
-                         fmt_time(c["by_impl"]["diffusers"]["median_s"]), fmt_time(c["by_impl"]["fastdiff"]["median_s"]),
+                         fmt_time(c["by_impl"]["diffusers"]["median_s"]),
+                         fmt_time(c["by_impl"]["fastdiff"]["median_s"]),
                          (f"{c['speedup_over_diffusers']:.3f}x ({c['paired']['speedup_over_diffusers']['ci'][0]:.3f}-"
                           f"{c['paired']['speedup_over_diffusers']['ci'][1]:.3f}, "
                           f"{100 * c['paired']['speedup_over_diffusers']['ci_coverage']:.0f}%)"),

@@ -213,7 +213,8 @@ def tiny_sdxl(scheduler, cls=None):
 
 def sdxl_embeddings(batch, seed):
     g = torch.Generator().manual_seed(seed)
-    return dict(prompt_embeds=torch.randn(batch, 5, 16, generator=g), pooled_prompt_embeds=torch.randn(batch, 8, generator=g),
+    return dict(prompt_embeds=torch.randn(batch, 5, 16, generator=g),
+                pooled_prompt_embeds=torch.randn(batch, 8, generator=g),
                 negative_prompt_embeds=torch.randn(batch, 5, 16, generator=g),
                 negative_pooled_prompt_embeds=torch.randn(batch, 8, generator=g))
 
@@ -393,8 +394,9 @@ def test_sdxl_controlnet_and_inpainting_graphs_on_cuda(tmp_path):
     latents = torch.randn(2, 4, 8, 8, generator=g).cuda()
     cases = [(sdxl, [dict(guidance_scale=w, **{k: v.cuda() for k, v in sdxl_embeddings(2, s).items()})
                      for w, s in ((5.0, 0), (3.0, 1))]),
-             (control, [dict(prompt=["a cat", "a dog"], image=image, guidance_scale=6.0, controlnet_conditioning_scale=c,
-                             control_guidance_end=e) for c, e in ((0.7, 0.6), (1.2, 1.0))]),
+             (control, [dict(prompt=["a cat", "a dog"], image=image, guidance_scale=6.0,
+                             controlnet_conditioning_scale=c, control_guidance_end=e)
+                        for c, e in ((0.7, 0.6), (1.2, 1.0))]),
              (inpaint, [dict(prompt=["a cat", "a dog"], image=image, mask_image=m, guidance_scale=7.0)
                         for m in (mask.cuda(), 1 - mask.cuda())])]
     for pipe, calls in cases:
