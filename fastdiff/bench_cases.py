@@ -384,8 +384,8 @@ def tiny_sdxl_pipeline(device, batch: int = 2, steps: int = 10, size: int = 16) 
     pipe.set_progress_bar_config(disable=True)
     r = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
     call = dict(prompt_embeds=r(batch, 8, 32), pooled_prompt_embeds=r(batch, 16),
-                negative_prompt_embeds=r(batch, 8, 32), negative_pooled_prompt_embeds=r(batch, 16), guidance_scale=5.0, num_inference_steps=steps,
-                output_type="np")
+                negative_prompt_embeds=r(batch, 8, 32), negative_pooled_prompt_embeds=r(batch, 16),
+                guidance_scale=5.0, num_inference_steps=steps, output_type="np")
     info = dict(case=f"tiny-sdxl-b{batch}", pipeline="StableDiffusionXLPipeline", scheduler="EulerDiscreteScheduler",
                 steps=steps, batch=batch, cfg=True, latent=[4, size, size])
     return PipelineCase("sdxl", pipe, call, info)
