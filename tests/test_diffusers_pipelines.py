@@ -273,6 +273,8 @@ def test_img2img_pipelines_start_from_the_noised_image(tmp_path):
                             **sdxl_embeddings(2, 1))
     with pytest.raises(NotImplementedError, match="denoising_start"):
         axl(image=image, denoising_start=0.5, **sdxl_embeddings(2, 1))
+    with pytest.raises(NotImplementedError, match="latents"):
+        axl(image=image, latents=torch.zeros(2, 4, 8, 8), **sdxl_embeddings(2, 1))
 
 
 def test_inpainting_pipeline_with_a_9_channel_unet(tmp_path):

@@ -151,7 +151,8 @@ def _recorded_add_noise(scheduler):
 
 def _refuse(a: dict, names) -> None:
     for name in names:
-        if a.get(name) not in (None, False):
+        value = a.get(name)
+        if value is not None and value is not False:  # never `in (None, False)`: a tensor has no truth value
             raise NotImplementedError(f"accelerate: {name} is not supported (see fastdiff.integrations.pipelines)")
     for name, value in (a.get("kwargs") or {}).items():  # callback, callback_steps, ...
         if value is not None:
