@@ -226,19 +226,17 @@ def assert_same_latents(pipe, apipe, seed=3, **kw):
     return got
 
 
-SDXL_SCHEDULERS = {  # scheduler, the module whose per-step noise a stochastic one draws
-    "euler": (diffusers.EulerDiscreteScheduler(**SD_SCHEDULE, timestep_spacing="leading", steps_offset=1),  # SDXL's
-              None),
-    "dpmpp": (diffusers.DPMSolverMultistepScheduler(**SD_SCHEDULE, use_karras_sigmas=True), None),
-    "euler-ancestral": (diffusers.EulerAncestralDiscreteScheduler(**SD_SCHEDULE),
-                        "scheduling_euler_ancestral_discrete"),
+SDXL_SCHEDULERS = {  # class, config, the module whose per-step noise a stochastic one draws
+    "euler": (diffusers.EulerDiscreteScheduler, dict(SD_SCHEDULE, timestep_spacing="leading", steps_offset=1), None),
+    "dpmpp": (diffusers.DPMSolverMultistepScheduler, dict(SD_SCHEDULE, use_karras_sigmas=True), None),
+    "euler-ancestral": (diffusers.EulerAncestralDiscreteScheduler, SD_SCHEDULE, "scheduling_euler_ancestral_discrete"),
 }
 
 
 @pytest.mark.parametrize("name", SDXL_SCHEDULERS)
 def test_sdxl_pipeline(name, monkeypatch):
-    scheduler, noise_module = SDXL_SCHEDULERS[name]
-    pipe = tiny_sdxl(scheduler)
+    cls, config, noise_module = SDXL_SCHEDULERS[name]
+    pipe = tiny_sdxl(cls(**config))
     apipe = accelerate(pipe)
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     if noise_module:  # given latents, the generator's first draws are fastdiff's seeds
