@@ -412,3 +412,70 @@ def test_sdxl_controlnet_and_inpainting_graphs_on_cuda(tmp_path):
             got = apipe(generator=torch.Generator("cuda").manual_seed(0), **kw).images
             torch.testing.assert_close(got, want, atol=1e-3 * float(want.abs().max()), rtol=0)
         assert sum(s.num_cached_graphs for s in apipe._samplers.values()) == 1
+
+
+# ---- SD3 and Flux: transformers on flow-matching schedulers -----------------------------
+def tiny_flow_vae():
+    return diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
+        shift_factor=0.0609, scaling_factor=1.5035)
+
+
+def tiny_sd3(scheduler):
+    torch.manual_seed(0)
+    transformer = diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8)
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=scheduler, vae=tiny_flow_vae(), text_encoder=None, tokenizer=None,
+        text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_flux(guidance_embeds=True):
+    torch.manual_seed(0)
+    transformer = diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, pooled_projection_dim=8, guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4))
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                          base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = diffusers.FluxPipeline(transformer=transformer, scheduler=scheduler, vae=tiny_flow_vae(), text_encoder=None,
+                                  tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("scheduler", [diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),  # SD3's
+                                       diffusers.FlowMatchHeunDiscreteScheduler(shift=3.0)],
+                         ids=["euler", "heun"])
+def test_sd3_pipeline(scheduler):
+    pipe = tiny_sd3(scheduler)
+    apipe = accelerate(pipe)
+    kw = dict(num_inference_steps=4, **sdxl_embeddings(2, 11))
+    for w in (5.0, 1.0):  # CFG; none
+        assert_same_latents(pipe, apipe, guidance_scale=w, **kw)
+    want = pipe(generator=torch.Generator().manual_seed(3), output_type="np", **kw).images
+    np.testing.assert_allclose(apipe(generator=torch.Generator().manual_seed(3), output_type="np", **kw).images,
+                               want, atol=1e-4)
+    with pytest.raises(NotImplementedError, match="skip_guidance_layers"):
+        apipe(skip_guidance_layers=[0], **kw)
+
+
+def test_flux_pipeline_guidance_embedding_packed_latents_and_true_cfg():
+    pipe = tiny_flux()
+    apipe = accelerate(pipe)
+    g = torch.Generator().manual_seed(12)
+    embeds, pooled = torch.randn(2, 5, 16, generator=g), torch.randn(2, 8, generator=g)
+    kw = dict(height=16, width=16, num_inference_steps=4, prompt_embeds=embeds, pooled_prompt_embeds=pooled)
+    plain = assert_same_latents(pipe, apipe, guidance_scale=3.5, **kw)  # the guidance embedding, no CFG
+    assert plain.shape == (2, 16, 16)  # packed: (16 / 2 / 2)^2 tokens of 4 x 2 x 2 channels
+    assert not torch.allclose(plain, assert_same_latents(pipe, apipe, guidance_scale=1.5, **kw))
+    assert_same_latents(pipe, apipe, guidance_scale=3.5, true_cfg_scale=4.0, negative_prompt_embeds=embeds.flip(0),
+                        negative_pooled_prompt_embeds=pooled.flip(0), **kw)  # true CFG: one batched call
+    want = pipe(generator=torch.Generator().manual_seed(3), output_type="np", **kw).images
+    np.testing.assert_allclose(apipe(generator=torch.Generator().manual_seed(3), output_type="np", **kw).images,
+                               want, atol=1e-4)
+    schnell = tiny_flux(guidance_embeds=False)  # no guidance embedding: guidance=None passes through
+    assert_same_latents(schnell, accelerate(schnell), **kw)

@@ -48,7 +48,7 @@ GRID_FIELDS = ("timestep_spacing", "steps_offset", "use_karras_sigmas", "use_exp
 SCHEDULE_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
                    "rescale_betas_zero_snr")
 # Keywords of set_timesteps() a caller may pass: the resolution-dependent shift of flow schedulers.
-SET_TIMESTEPS_OPTIONS = ("mu",)
+SET_TIMESTEPS_OPTIONS = ("mu", "sigmas")  # `sigmas`: a pipeline's own grid (FluxPipeline's linspace)
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
 
 
@@ -62,7 +62,7 @@ def sampler_from_diffusers(scheduler_or_config, model, steps: int, **overrides) 
 
     scheduler_or_config: a diffusers scheduler, or its config (with `_class_name`).
     overrides: scheduler config fields (as diffusers' from_config(**kwargs)), step() keywords
-    (eta, use_clipped_model_output, s_churn...), set_timesteps() keywords (`mu`, the dynamic
+    (eta, use_clipped_model_output, s_churn...), set_timesteps() keywords (`sigmas` as a pipeline passes them; `mu`, the dynamic
     shift of flow schedulers) and Sampler runtime options (RUNTIME_OPTIONS).
     """
     scheduler = _fresh_scheduler(scheduler_or_config, overrides)

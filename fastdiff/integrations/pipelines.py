@@ -22,8 +22,12 @@ holds it.
                                         conditioning scale, start/end
     StableDiffusionXLPipeline           added_cond_kwargs, CFG, rescale denoising_end
     StableDiffusionXLImg2ImgPipeline    strength, aesthetic scores      denoising_start/end, latents
+    StableDiffusion3Pipeline            flow matching, CFG, mu          skip_guidance_layers
+    FluxPipeline                        packed latents and ids, the     negative IP-adapter images
+                                        guidance embedding, true CFG
 
-Refused by every pipeline: custom timesteps/sigmas, IP-adapters, cross_attention_kwargs,
+Refused by every pipeline: custom timesteps/sigmas, IP-adapters, cross_attention_kwargs and
+joint_attention_kwargs,
 per-step callbacks (`callback_on_step_end`, `callback`/`callback_steps`: fastdiff does not
 return to Python between steps), U-Nets with time_cond_proj_dim, and schedulers fastdiff
 has no solver for. `pipe.interrupt` is not checked inside the loop, for the same reason.
@@ -53,17 +57,20 @@ from .diffusers import sampler_from_diffusers
 STABLE_DIFFUSION = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
                     "StableDiffusionControlNetPipeline")
 STABLE_DIFFUSION_XL = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
-PIPELINES = ("DDPMPipeline", "DDIMPipeline", *STABLE_DIFFUSION, *STABLE_DIFFUSION_XL)
+FLOW = ("StableDiffusion3Pipeline", "FluxPipeline")  # transformers on flow-matching schedulers
+PIPELINES = ("DDPMPipeline", "DDIMPipeline", *STABLE_DIFFUSION, *STABLE_DIFFUSION_XL, *FLOW)
 IMG2IMG = ("StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline", "StableDiffusionXLImg2ImgPipeline")
 # __call__ arguments no accelerated pipeline honours; refused when set (see the module docstring)
 REFUSED = ("timesteps", "sigmas", "ip_adapter_image", "ip_adapter_image_embeds", "cross_attention_kwargs",
-           "callback_on_step_end")
+           "joint_attention_kwargs", "callback_on_step_end")
 # ... and per pipeline
 REFUSED_BY = {"StableDiffusionInpaintPipeline": ("padding_mask_crop",),
               "StableDiffusionControlNetPipeline": ("guess_mode",),
               "StableDiffusionXLPipeline": ("denoising_end",),
-              "StableDiffusionXLImg2ImgPipeline": ("denoising_start", "denoising_end", "latents")}
-DENOISERS = ("unet", "controlnet")  # the components the loop calls
+              "StableDiffusionXLImg2ImgPipeline": ("denoising_start", "denoising_end", "latents"),
+              "StableDiffusion3Pipeline": ("skip_guidance_layers",),
+              "FluxPipeline": ("negative_ip_adapter_image", "negative_ip_adapter_image_embeds")}
+DENOISERS = ("unet", "controlnet", "transformer")  # the components the loop calls
 
 
 def seeds_from_generator(generator, batch: int) -> list[int]:
@@ -106,6 +113,23 @@ class InpaintingUNet(nn.Module):
     def forward(self, x, t, *, mask, masked_image_latents, **cond):
         # x: [B, 4, h, w]; mask: [B, 1, h, w]; masked_image_latents: [B, 4, h, w]
         return self.unet(torch.cat([x, mask, masked_image_latents], dim=1), t, return_dict=False, **cond)[0]
+
+
+class FlowTransformer(nn.Module):
+    """SD3's and Flux's transformers as model(x, t, **cond): t is the flow level times T (the
+    scheduler's timesteps); Flux's transformer takes t / 1000 in the latents' dtype, and its
+    position ids (one [L, 3] table for the whole batch) arrive as batched conditioning
+    (`txt_ids`/`img_ids` [B, L, 3], row 0 used) so the static buffers hold them."""
+
+    def __init__(self, transformer: nn.Module, flux: bool):
+        super().__init__()
+        self.transformer, self.flux = transformer, flux
+
+    def forward(self, x, t, **cond):
+        if self.flux:
+            t = t.to(x.dtype) / 1000
+            cond["txt_ids"], cond["img_ids"] = cond["txt_ids"][0], cond["img_ids"][0]
+        return self.transformer(hidden_states=x, timestep=t, return_dict=False, **cond)[0]
 
 
 class ControlledUNet(nn.Module):
@@ -173,8 +197,8 @@ class AcceleratedPipeline:
         kind = type(pipe).__name__
         if kind not in PIPELINES:
             raise NotImplementedError(f"accelerate supports {', '.join(PIPELINES)}, not {kind}")
-        unet = pipe.unet
-        if kind != "DDPMPipeline" and kind != "DDIMPipeline":
+        unet = getattr(pipe, "unet", None)
+        if kind in STABLE_DIFFUSION + STABLE_DIFFUSION_XL:
             if unet.config.time_cond_proj_dim is not None:
                 raise NotImplementedError("accelerate: U-Nets with time_cond_proj_dim (guidance embeddings) are "
                                           "not supported")
@@ -191,7 +215,10 @@ class AcceleratedPipeline:
                                       "ControlNetModel only)")
         self.__dict__.update(pipe=pipe, kind=kind, graph=graph, compile=compile, _samplers={}, _offload_warned=False)
         defaults = inspect.signature(type(pipe).__call__).parameters
-        self.sampler(defaults["num_inference_steps"].default)  # fail early on an unsupported scheduler
+        # fail early on an unsupported scheduler (a dynamically shifted one needs some shift mu to list its grid)
+        shifted = pipe.scheduler.config.get("use_dynamic_shifting", False)
+        self.sampler(defaults["num_inference_steps"].default,
+                     **(dict(mu=pipe.scheduler.config.get("base_shift", 0.5)) if shifted else {}))
 
     def __getattr__(self, name):
         if "pipe" not in self.__dict__:
@@ -225,22 +252,26 @@ class AcceleratedPipeline:
         return False
 
     def _model(self) -> nn.Module:
-        if self.kind == "StableDiffusionInpaintPipeline":
+        kind = self.kind
+        if kind == "StableDiffusionInpaintPipeline":
             return InpaintingUNet(self.pipe.unet)
-        if self.kind == "StableDiffusionControlNetPipeline":
+        if kind == "StableDiffusionControlNetPipeline":
             return ControlledUNet(self.pipe.unet, self.pipe.controlnet)
+        if kind in FLOW:
+            return FlowTransformer(self.pipe.transformer, flux=kind == "FluxPipeline")
         return self.pipe.unet
 
     def sampler(self, steps: int, device=None, **options) -> Sampler:
         """The cached Sampler (and its graphs) for the current scheduler, denoiser, `steps` and options
         (device: the pipeline's execution device, which costs a walk over its components to find)."""
-        sched, unet = self.pipe.scheduler, self.pipe.unet
+        sched = self.pipe.scheduler
+        denoiser = getattr(self.pipe, "transformer", None) or self.pipe.unet
         device = device or self.pipe._execution_device
         graph = self._graph_mode()
         config = json.dumps(dict(sched.config), sort_keys=True,
                             default=lambda v: v.tolist() if hasattr(v, "tolist") else repr(v))
         key = (type(sched).__name__, config, steps, tuple(sorted(options.items())),
-               tuple(id(getattr(self.pipe, n, None)) for n in DENOISERS), str(unet.dtype), str(device), graph)
+               tuple(id(getattr(self.pipe, n, None)) for n in DENOISERS), str(denoiser.dtype), str(device), graph)
         if key not in self._samplers:
             self._samplers[key] = sampler_from_diffusers(sched, self._model(), steps=steps, graph=graph,
                                                          compile=self.compile, device=device, **options)
@@ -264,6 +295,8 @@ class AcceleratedPipeline:
             return self._call_stable_diffusion(a)
         if self.kind in STABLE_DIFFUSION_XL:
             return self._call_stable_diffusion_xl(a)
+        if self.kind in FLOW:
+            return self._call_flow(a)
         return self._call_unconditional(**a)
 
     # ---- DDPM / DDIM ----------------------------------------------------------------
@@ -518,3 +551,117 @@ class AcceleratedPipeline:
         if pipe.watermark is not None:
             image = pipe.watermark.apply_watermark(image)
         return image
+
+    # ---- SD3 and Flux: transformers on flow-matching schedulers --------------------------
+    def _call_flow(self, a: dict):
+        """StableDiffusion3Pipeline and FluxPipeline: the velocity model on a flow schedule
+        (fastdiff's prediction='flow'); SD3's CFG and Flux's true CFG as one batched call."""
+        pipe, flux = self.pipe, self.kind == "FluxPipeline"
+        _refuse(a, REFUSED + REFUSED_BY[self.kind])
+        default = pipe.default_sample_size * pipe.vae_scale_factor
+        height, width = a["height"] or default, a["width"] or default
+        check = dict(a, height=height, width=width, callback_on_step_end_tensor_inputs=list(
+            a["callback_on_step_end_tensor_inputs"]))
+        _check_inputs(pipe, check)
+        pipe._guidance_scale, pipe._joint_attention_kwargs, pipe._interrupt = a["guidance_scale"], None, False
+        pipe._clip_skip, pipe._current_timestep = a.get("clip_skip"), None
+        prompt = a["prompt"]
+        prompts = (1 if isinstance(prompt, str) else len(prompt)) if prompt is not None else a["prompt_embeds"].shape[0]
+        device, n = pipe._execution_device, a["num_images_per_prompt"]
+        B = prompts * n
+        if flux:
+            cond, uncond, w = self._flux_conditioning(a, device, n)
+            latents, image_ids = pipe.prepare_latents(B, pipe.transformer.config.in_channels // 4, height, width,
+                                                      cond["encoder_hidden_states"].dtype, device, a["generator"],
+                                                      a["latents"])
+            ids = dict(img_ids=image_ids.expand(B, *image_ids.shape))
+            cond.update(ids)
+            if uncond is not None:
+                uncond.update(ids)
+            if pipe.transformer.config.guidance_embeds:  # the guidance embedding, both halves alike
+                guidance = torch.full([B], a["guidance_scale"], device=device, dtype=torch.float32)
+                cond["guidance"] = guidance
+                if uncond is not None:
+                    uncond["guidance"] = guidance
+            options = dict(mu=self._flux_mu(latents.shape[1]))
+            N = a["num_inference_steps"]
+            if not pipe.scheduler.config.get("use_flow_sigmas", False):  # the pipeline's own grid
+                options["sigmas"] = tuple(float(v) for v in torch.linspace(1.0, 1 / N, N, dtype=torch.float64))
+        else:
+            cond, uncond, w = self._sd3_conditioning(a, device, n)
+            latents = pipe.prepare_latents(B, pipe.transformer.config.in_channels, height, width,
+                                           cond["encoder_hidden_states"].dtype, device, a["generator"], a["latents"])
+            options = {} if a["mu"] is None and not pipe.scheduler.config.get("use_dynamic_shifting", False) else dict(
+                mu=a["mu"] if a["mu"] is not None else self._sd3_mu(latents))
+        sampler = self.sampler(a["num_inference_steps"], device, **options)
+        dtype = latents.dtype
+        x = sampler.sample(noise=latents / sampler.init_noise_sigma, seeds=self._seeds(sampler, a["generator"], B),
+                           cond=cond, uncond=uncond, guidance_scale=w, progress=self._progress())
+        pipe._num_timesteps = sampler.num_model_evals
+        latents = x.to(dtype)
+        if a["output_type"] == "latent":
+            image = latents
+        else:
+            if flux:
+                latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+            latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+            image = pipe.vae.decode(latents, return_dict=False)[0]
+            image = pipe.image_processor.postprocess(image, output_type=a["output_type"])
+        pipe.maybe_free_model_hooks()
+        if flux:
+            from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput as Output
+        else:
+            from diffusers.pipelines.stable_diffusion_3.pipeline_output import StableDiffusion3PipelineOutput as Output
+        return Output(images=image) if a["return_dict"] else (image,)
+
+    def _sd3_conditioning(self, a, device, n):
+        pipe = self.pipe
+        cfg = pipe.do_classifier_free_guidance
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+            prompt=a["prompt"], prompt_2=a["prompt_2"], prompt_3=a["prompt_3"], negative_prompt=a["negative_prompt"],
+            negative_prompt_2=a["negative_prompt_2"], negative_prompt_3=a["negative_prompt_3"],
+            do_classifier_free_guidance=cfg, prompt_embeds=a["prompt_embeds"],
+            negative_prompt_embeds=a["negative_prompt_embeds"], pooled_prompt_embeds=a["pooled_prompt_embeds"],
+            negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"], device=device,
+            clip_skip=a["clip_skip"], num_images_per_prompt=n, max_sequence_length=a["max_sequence_length"],
+            lora_scale=None)
+        cond = dict(encoder_hidden_states=embeds, pooled_projections=pooled)
+        if not cfg:
+            return cond, None, None
+        return cond, dict(encoder_hidden_states=negative, pooled_projections=negative_pooled), a["guidance_scale"]
+
+    def _sd3_mu(self, latents) -> float:
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+        c, patch = self.pipe.scheduler.config, self.pipe.transformer.config.patch_size
+        seq = (latents.shape[-2] // patch) * (latents.shape[-1] // patch)
+        return calculate_shift(seq, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                               c.get("base_shift", 0.5), c.get("max_shift", 1.16))
+
+    def _flux_mu(self, seq: int) -> float:
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        c = self.pipe.scheduler.config
+        return calculate_shift(seq, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                               c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+
+    def _flux_conditioning(self, a, device, n):
+        """Flux's prompt (and, with true CFG, negative prompt) conditioning; its text ids batched."""
+        pipe = self.pipe
+        has_negative = a["negative_prompt"] is not None or (
+            a["negative_prompt_embeds"] is not None and a["negative_pooled_prompt_embeds"] is not None)
+        true_cfg = a["true_cfg_scale"] > 1 and has_negative
+
+        def encode(prompt, prompt_2, embeds, pooled):
+            embeds, pooled, text_ids = pipe.encode_prompt(
+                prompt=prompt, prompt_2=prompt_2, prompt_embeds=embeds, pooled_prompt_embeds=pooled, device=device,
+                num_images_per_prompt=n, max_sequence_length=a["max_sequence_length"], lora_scale=None)
+            return dict(encoder_hidden_states=embeds, pooled_projections=pooled,
+                        txt_ids=text_ids.expand(embeds.shape[0], *text_ids.shape))
+
+        cond = encode(a["prompt"], a["prompt_2"], a["prompt_embeds"], a["pooled_prompt_embeds"])
+        if not true_cfg:
+            return cond, None, None
+        uncond = encode(a["negative_prompt"], a["negative_prompt_2"], a["negative_prompt_embeds"],
+                        a["negative_pooled_prompt_embeds"])
+        return cond, uncond, a["true_cfg_scale"]
