@@ -479,3 +479,21 @@ def test_flux_pipeline_guidance_embedding_packed_latents_and_true_cfg():
                                want, atol=1e-4)
     schnell = tiny_flux(guidance_embeds=False)  # no guidance embedding: guidance=None passes through
     assert_same_latents(schnell, accelerate(schnell), **kw)
+
+
+@pytest.mark.cuda
+def test_sd3_and_flux_graphs_on_cuda():
+    """One captured graph each; the second call replays it with new embeddings and scales."""
+    sd3, flux = tiny_sd3(diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)).to("cuda"), tiny_flux().to("cuda")
+    e = [{k: v.cuda() for k, v in sdxl_embeddings(2, s).items()} for s in (0, 1)]
+    cases = [(sd3, [dict(guidance_scale=5.0, **e[0]), dict(guidance_scale=3.0, **e[1])]),
+             (flux, [dict(height=16, width=16, guidance_scale=w, true_cfg_scale=2.0, **x) for w, x in ((3.5, e[0]),
+                                                                                                        (2.0, e[1]))])]
+    for pipe, calls in cases:
+        apipe = accelerate(pipe, graph=True)
+        for kw in calls:
+            kw = dict(kw, num_inference_steps=4, output_type="latent")
+            want = pipe(generator=torch.Generator("cuda").manual_seed(0), **kw).images
+            got = apipe(generator=torch.Generator("cuda").manual_seed(0), **kw).images
+            torch.testing.assert_close(got, want, atol=1e-3 * float(want.abs().max()), rtol=0)
+        assert sum(s.num_cached_graphs for s in apipe._samplers.values()) == 1
