@@ -203,8 +203,9 @@ class Sampler:
         """Draw samples; returns float32 [B, *S] in data units (see the class docstring).
 
         noise: x_T ~ N(0, I) (scaled by init_noise_sigma here); or shape + seeds, from which
-        noise is drawn per sample.  cond/uncond: model keyword arguments batched along dim 0;
-        with uncond and a guidance scale, one batched [uncond; cond] call per step.
+        noise is drawn per sample.  cond/uncond: model keyword arguments, tensors batched along
+        dim 0, nested in dicts/lists/tuples at any depth (fastdiff/conditioning.py); with uncond
+        and a guidance scale, one batched [uncond; cond] call per step.
         init + strength: img2img/SDEdit, starting from init noised to the strength's level.
         progress: a tqdm bar over the steps (True, or a dict of tqdm options); eager loops only.
         """

@@ -263,9 +263,9 @@ def test_img2img_pipelines_start_from_the_noised_image(tmp_path):
     image = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(6))
     sd = tiny_sd(diffusers.DDIMScheduler(**SD_SCHEDULE, set_alpha_to_one=False), tmp_path,
                  cls=diffusers.StableDiffusionImg2ImgPipeline)
-    for strength in (0.6, 1.0):  # the VAE's latent sample and the noise come from the generator, in order
+    for strength, w in ((0.6, 6.0), (1.0, 6.0), (0.6, 1.0)):  # the VAE's sample, then the noise, from the generator
         assert_same_latents(sd, accelerate(sd), prompt=["a cat", "a dog"], image=image, strength=strength,
-                            num_inference_steps=5, guidance_scale=6.0)
+                            num_inference_steps=5, guidance_scale=w)
     xl = tiny_sdxl(diffusers.EulerDiscreteScheduler(**SD_SCHEDULE, timestep_spacing="leading", steps_offset=1),
                    cls=diffusers.StableDiffusionXLImg2ImgPipeline)
     axl = accelerate(xl)
