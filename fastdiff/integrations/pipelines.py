@@ -6,11 +6,11 @@
 Everything outside the loop stays the pipeline's own: prompt encoding, latent and image
 preparation (the generator is consumed exactly as the pipeline consumes it), the VAE, the
 safety checker, the watermark and postprocessing. The loop becomes one `Sampler.sample`
-call (on CUDA one captured graph): its conditioning is the U-Net's keyword arguments as
+call (on CUDA one captured graph): its conditioning is the denoiser's keyword arguments as
 nested cond/uncond structures (fastdiff/conditioning.py), and where the pipeline computes
-something per step around the U-Net (an inpainting U-Net's extra input channels, a
-ControlNet's residuals) a model callable below does it inside the model call, so a graph
-holds it.
+something per step around the denoiser (an inpainting U-Net's extra input channels, a
+ControlNet's residuals, a transformer's timestep scale and position ids) a model callable
+below does it inside the model call, so a graph holds it.
 
     pipeline                            accelerated                     refused (NotImplementedError)
     DDPMPipeline, DDIMPipeline          the loop
@@ -27,19 +27,19 @@ holds it.
                                         guidance embedding, true CFG
 
 Refused by every pipeline: custom timesteps/sigmas, IP-adapters, cross_attention_kwargs and
-joint_attention_kwargs,
-per-step callbacks (`callback_on_step_end`, `callback`/`callback_steps`: fastdiff does not
-return to Python between steps), U-Nets with time_cond_proj_dim, and schedulers fastdiff
-has no solver for. `pipe.interrupt` is not checked inside the loop, for the same reason.
+joint_attention_kwargs, per-step callbacks (`callback_on_step_end`, `callback`/`callback_steps`:
+fastdiff does not return to Python between steps), U-Nets with time_cond_proj_dim, and
+schedulers fastdiff has no solver for. `pipe.interrupt` is not checked inside the loop, for
+the same reason.
 
 Stochastic schedulers (DDPM, Euler ancestral, SDE-DPM++, DDIM eta > 0) draw their per-step
 noise from fastdiff's counter-based generator, keyed by seeds drawn from `generator` after
 the pipeline's own draws: the same distribution as diffusers', not the same draws.
 
-Offloading: with accelerate hooks on the U-Net or ControlNet (enable_model_cpu_offload,
-enable_sequential_cpu_offload), weights move between calls, so a captured graph would
-replay against memory that no longer holds them: the loop then runs without a graph
-(graph=False), said once in a warning.
+Offloading: with accelerate hooks on the U-Net, ControlNet or transformer
+(enable_model_cpu_offload, enable_sequential_cpu_offload), weights move between calls, so a
+captured graph would replay against memory that no longer holds them: the loop then runs
+without a graph (graph=False), said once in a warning; graph=True raises.
 """
 from __future__ import annotations
 
