@@ -314,7 +314,8 @@ def test_controlnet_pipeline_with_per_step_scales(tmp_path):
     kw = dict(prompt=["a cat", "a dog"], image=control, latents=latents, num_inference_steps=5)
     windowed = assert_same_latents(pipe, apipe, guidance_scale=6.0, controlnet_conditioning_scale=0.7,
                                    control_guidance_start=0.2, control_guidance_end=0.7, **kw)
-    full = assert_same_latents(pipe, apipe, guidance_scale=6.0, controlnet_conditioning_scale=0.7, **kw)
+    full = assert_same_latents(pipe, apipe, guidance_scale=6.0, controlnet_conditioning_scale=0.7,
+                               control_guidance_end=[1.0], **kw)  # a list of one, as the pipeline allows
     assert_same_latents(pipe, apipe, guidance_scale=1.0, **kw)
     assert not torch.allclose(windowed, full)  # the per-step window reaches the ControlNet
     assert len({id(s) for s in apipe._samplers.values()}) == 1 + 1  # the default steps, then one for all scales

@@ -379,8 +379,8 @@ class AcceleratedPipeline:
         check = dict(a, height=height, width=width, callback_steps=None,
                      callback_on_step_end_tensor_inputs=list(a["callback_on_step_end_tensor_inputs"]))
         if kind == "StableDiffusionControlNetPipeline":
-            check.update(control_guidance_start=[a["control_guidance_start"]],
-                         control_guidance_end=[a["control_guidance_end"]])
+            check.update({k: a[k] if isinstance(a[k], list) else [a[k]]  # as the pipeline makes them lists
+                          for k in ("control_guidance_start", "control_guidance_end")})
         _check_inputs(pipe, check)
         device, n = pipe._execution_device, a["num_images_per_prompt"]
         embeds, negative = pipe.encode_prompt(
