@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .checks import check_number
 from .schedules import Schedule
 
 F64 = torch.float64
@@ -59,6 +60,7 @@ def spaced_timesteps(num_train_timesteps: int, steps: int, spacing: str, steps_o
 
 def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7.0) -> torch.Tensor:
     """Karras et al. 2022, eq. 5: sigma_i^(1/rho) evenly spaced from sigma_max to sigma_min."""
+    check_number("rho", rho, 0, float("inf"), hi_open=True)
     ramp = torch.linspace(0, 1, steps, dtype=F64)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return (hi + ramp * (lo - hi)) ** rho
@@ -85,7 +87,7 @@ def explicit_grid(schedule: Schedule, sigmas, timesteps=None) -> Grid:
         t = torch.as_tensor(timesteps, dtype=F64).flatten()
         if t.numel() != s.numel() - 1:
             raise ValueError(f"timesteps must have len(sigmas) - 1 = {s.numel() - 1} entries, got {t.numel()}")
-        if bool((t[1:] > t[:-1]).any()) or bool((t < 0).any() or (t > T - 1).any()):
+        if bool((t[1:] > t[:-1]).any()) or not bool(((t >= 0) & (t <= T - 1)).all()):  # NaN fails too
             raise ValueError(f"timesteps must be non-increasing and lie in [0, {T - 1}]")
     abar_all = 1.0 / (1.0 + s**2)  # sigma = inf (zero SNR) gives abar = 0
     return Grid(t, abar_all[:-1], abar_all[1:])
@@ -104,8 +106,8 @@ def make_grid(schedule: Schedule, steps: int, *, spacing: str = "trailing", step
         t = torch.as_tensor(timesteps, dtype=F64).flatten()
         if t.numel() < 1 or bool((t[1:] >= t[:-1]).any()):
             raise ValueError("timesteps must be a non-empty, strictly decreasing sequence")
-        if bool((t < 0).any() or (t > T - 1).any()):
-            raise ValueError(f"timesteps must lie in [0, {T - 1}]")
+        if not bool(((t >= 0) & (t <= T - 1)).all()):  # NaN fails too
+            raise ValueError(f"timesteps must be finite and lie in [0, {T - 1}]")
         abar = schedule.alphas_cumprod_at(t)
         abar_to = torch.cat([abar[1:], torch.tensor([final_abar], dtype=F64)])
         return Grid(t, abar, abar_to)

@@ -20,6 +20,16 @@ def _check_positive_int(name: str, value) -> int:
     return value
 
 
+def _as_float64(name: str, values) -> torch.Tensor:
+    """A sequence or tensor of real numbers as a flat float64 copy; anything else names `name`."""
+    if isinstance(values, (str, bytes)) or (torch.is_tensor(values) and (values.is_complex() or values.dtype == torch.bool)):
+        raise ValueError(f"{name} must be a sequence or tensor of real numbers, got {values!r:.60}")
+    try:
+        return torch.as_tensor(values, dtype=F64).flatten().clone()
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name} must be a sequence or tensor of real numbers, got {values!r:.60}") from None
+
+
 def _betas_from_alphas_cumprod(abar: torch.Tensor) -> torch.Tensor:
     prev = torch.cat([abar.new_ones(1), abar[:-1]])
     return 1.0 - abar / prev
@@ -29,7 +39,7 @@ class Schedule:
     """A discrete variance-preserving schedule of `num_train_timesteps` betas (float64)."""
 
     def __init__(self, betas, *, name: str = "custom"):
-        betas = torch.as_tensor(betas, dtype=F64).flatten().clone()
+        betas = _as_float64("betas", betas)
         if betas.numel() < 1:
             raise ValueError("betas must hold at least one value")
         if not torch.isfinite(betas).all() or (betas <= 0).any() or (betas > 1).any():
@@ -45,7 +55,7 @@ class Schedule:
 
     @classmethod
     def from_alphas_cumprod(cls, alphas_cumprod, *, name: str = "custom") -> "Schedule":
-        abar = torch.as_tensor(alphas_cumprod, dtype=F64)
+        abar = _as_float64("alphas_cumprod", alphas_cumprod)
         return cls(_betas_from_alphas_cumprod(abar), name=name)
 
     @classmethod
@@ -130,8 +140,8 @@ class Schedule:
         """VE sigma at (fractional) timesteps: log-sigma interpolated linearly between integers."""
         t = torch.as_tensor(t, dtype=F64)
         T = self.num_train_timesteps
-        if ((t < 0) | (t > T - 1)).any():
-            raise ValueError(f"timesteps must lie in [0, {T - 1}]")
+        if not bool(((t >= 0) & (t <= T - 1)).all()):  # NaN fails too
+            raise ValueError(f"timesteps must be finite and lie in [0, {T - 1}]")
         log_sigma = self.sigmas.log()
         lo = t.floor().long().clamp(max=T - 2) if T > 1 else t.floor().long()
         if T == 1:
