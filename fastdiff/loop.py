@@ -157,5 +157,6 @@ class Loop:
         where = f"at step {r} (timestep {self.t_host[r]:g})"
         if what == SAMPLE:
             raise FloatingPointError(f"non-finite sample {where}: the model outputs were finite, but the update "
-                                     "overflowed float32 (a model output or guidance scale too large)")
+                                     "overflowed float32 (a model output, guidance scale or classifier gradient "
+                                     "too large)")
         raise FloatingPointError(f"non-finite {PROBES[what]} {where}")

@@ -20,6 +20,7 @@ import torch
 from . import rng, runners
 from .checks import check_finite_tensor, check_number, is_number
 from .devices import check_device, on_device
+from .dtypes import MODEL_DTYPES
 from .executors import EXECUTORS, resolve_backend
 from .grids import SIGMA_GRIDS, SPACINGS, make_grid
 from .guidance import Thresholding
@@ -35,8 +36,7 @@ from .solvers.table import StepTable
 
 CORRECTORS = (None, "langevin")
 GRAPH_MODES = ("auto", True, False)
-# the model dtypes: the kernels' (fp32/fp16/bf16) and float64 (a float64 model on the torch backend)
-DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+DTYPES = MODEL_DTYPES + (torch.float64,)  # the kernels' model dtypes, and a float64 model on the torch backend
 # Every solver but DDIM steps from the clipped D, which is what use_clipped_model_output=True asks
 # of DDIM; Pretrained.sampler_options() asks it whatever the solver until its callers pass theirs.
 _CLIPPED_OUTPUT_ALWAYS = ("use_clipped_model_output", True)
