@@ -192,7 +192,7 @@ def test_a_huge_guidance_scale_is_reported_as_a_sample_overflow():
     D = (x - sigma out) / alpha overflows at the first step (sigma / alpha there: ~157)."""
     labels = dict(cond={"class_labels": torch.ones(2)}, uncond={"class_labels": torch.zeros(2)})
     smp = Sampler(lambda x, t, class_labels: torch.zeros_like(x) + class_labels[:, None], S, solver="ddim", steps=4)
-    with pytest.raises(FloatingPointError, match=r"non-finite sample at step 0 .*guidance scale too large"):
+    with pytest.raises(FloatingPointError, match=r"non-finite sample at step 0 .*guidance scale"):
         smp.sample(shape=SHAPE, seeds=[0, 1], guidance_scale=1e38, **labels)
 
 
