@@ -60,6 +60,15 @@ def _solver_options(solver: str, spacing: str, given: dict) -> dict:
     return options
 
 
+def _stderr_is_terminal() -> bool:
+    """Whether a progress bar would reach a person: stderr is a terminal (not a pipe, a log or a
+    replaced stream without isatty)."""
+    try:
+        return bool(sys.stderr.isatty())
+    except (AttributeError, ValueError):  # None, a stream without isatty, a closed file
+        return False
+
+
 def _model_dtype_device(model):
     if isinstance(model, torch.nn.Module):
         for p in model.parameters():
@@ -208,7 +217,7 @@ class Sampler:
         if not (progress is None or isinstance(progress, bool) or isinstance(progress, str) and progress == "auto"):
             raise ValueError(f"progress must be True, False, None or 'auto', got {progress!r}")
         if progress is None or progress == "auto":
-            progress = self.device.type == "cpu" and sys.stderr is not None and sys.stderr.isatty()
+            progress = self.device.type == "cpu" and _stderr_is_terminal()
         x_T, seeds = self._initial_noise(noise, shape, seeds)
         B = x_T.shape[0]
         w = self.guidance_scale if guidance_scale is None else guidance_scale

@@ -298,6 +298,10 @@ def test_progress_defaults_to_a_bar_per_step_on_a_cpu_terminal_only(monkeypatch)
         assert ("sampling:" in err.getvalue()) == shown == bool(bars), (tty, progress, err.getvalue())
         if shown:
             assert bars[0].total == bars[0].n == 5  # one tick per model evaluation, all done
+    monkeypatch.setattr(sys, "stderr", None)  # pythonw, some services: 'auto' is simply off
+    bars.clear()
+    smp.sample(shape=SHAPE, seeds=[0, 1])
+    assert not bars
 
 
 @pytest.mark.cuda
