@@ -42,6 +42,7 @@ class LoopBuffers:
         self.cfg_w = torch.ones((table.rows, batch), **f32) if cfg else None
         self.t = table.t_model.to(**f32)[:, None].expand(table.rows, G * batch).contiguous()  # [R, G*B]
         self.probes = torch.zeros((table.rows, len(PROBES)), dtype=torch.float64, device=device)  # per row, PROBES
+        self.probe = [list(row.unbind()) for row in self.probes.unbind()]  # views [r][slot]: no indexing per call
         self.cond: dict[str, torch.Tensor] = {}
 
     def write_model_input(self, value: torch.Tensor) -> None:
@@ -108,12 +109,12 @@ class Loop:
     def call_model(self, r: int) -> torch.Tensor:
         b = self.bufs
         out = checked_output(self.model(b.model_in, b.t[r], **b.cond), b.model_in)
-        b.probes[r, MODEL_OUTPUT].add_(nonfinite_probe(out))
+        b.probe[r][MODEL_OUTPUT].add_(nonfinite_probe(out))
         if self.classifier is not None:
             B = b.batch
             grad = classifier_grad(self.classifier, b.model_in[:B], b.t[r][:B],
                                    {k: v[-B:] for k, v in b.cond.items()})  # the conditional half
-            b.probes[r, CLASSIFIER_GRADIENT].add_(nonfinite_probe(grad))
+            b.probe[r][CLASSIFIER_GRADIENT].add_(nonfinite_probe(grad))
             out = classifier_guided(out, grad, self.classifier_scale, self.abar[r], self.executor.d_out[r])
         return out
 
@@ -121,9 +122,9 @@ class Loop:
         b = self.bufs
         for r in range(self.table.rows):
             self.executor.step(r, self.call_model(r))
-            b.probes[r, SAMPLE].add_(nonfinite_probe(b.x))  # before the corrector, whose calls probe row r + 1
+            b.probe[r][SAMPLE].add_(nonfinite_probe(b.x))  # before the corrector, whose calls probe row r + 1
             if b.point is not None:
-                b.probes[r, SAMPLE].add_(nonfinite_probe(b.point))
+                b.probe[r][SAMPLE].add_(nonfinite_probe(b.point))
             if self.corrector is not None and self.corrector[r]:
                 self.correct(r)
             if progress is not None:
@@ -139,7 +140,7 @@ class Loop:
         M = self.corrector[r]
         for j in range(M):
             out = checked_output(self.model(b.model_in, b.t[n], **b.cond), b.model_in)
-            b.probes[n, MODEL_OUTPUT].add_(nonfinite_probe(out))  # n < rows: no corrector after the last row
+            b.probe[n][MODEL_OUTPUT].add_(nonfinite_probe(out))  # n < rows: no corrector after the last row
             D, _ = ex.denoised(n, target, out)
             z = rng.randn(b.seeds, r * M + j, STREAM_CORRECTOR, target.shape[1:], device=target.device)
             target.copy_(langevin.update(target, D, z, alpha, sigma, table.corrector_snr,
