@@ -30,3 +30,15 @@ def check_finite_tensor(name: str, x) -> None:
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} holds non-finite values (NaN or inf)")
+
+
+def as_float64(name: str, values) -> torch.Tensor:
+    """A number, sequence or tensor of real numbers as a flat float64 copy; anything else names `name`."""
+    bad = isinstance(values, (str, bytes)) or (
+        torch.is_tensor(values) and (values.is_complex() or values.dtype == torch.bool))
+    try:
+        if not bad:
+            return torch.as_tensor(values, dtype=torch.float64).flatten().clone()
+    except (TypeError, ValueError, RuntimeError):
+        pass
+    raise ValueError(f"{name} must be a sequence or tensor of real numbers, got {values!r:.60}")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .checks import check_number
+from .checks import as_float64, check_number
 from .schedules import Schedule
 
 F64 = torch.float64
@@ -76,7 +76,7 @@ def explicit_grid(schedule: Schedule, sigmas, timesteps=None) -> Grid:
     sigmas[i] to sigmas[i+1] (0: the data). The model sees `timesteps` [N] (non-increasing), or
     t_at(sigmas) when None: diffusers may round the model's timestep while keeping the exact level."""
     T = schedule.num_train_timesteps
-    s = torch.as_tensor(sigmas, dtype=F64).flatten()
+    s = as_float64("sigmas", sigmas)
     if s.numel() < 2 or bool(torch.isnan(s).any()) or bool((s[:-1] <= 0).any()) or bool((s[-1] < 0).any()):
         raise ValueError("explicit sigmas need N+1 >= 2 values: positive, then a final one >= 0")
     if bool((s[1:] > s[:-1]).any()):
@@ -84,7 +84,7 @@ def explicit_grid(schedule: Schedule, sigmas, timesteps=None) -> Grid:
     if timesteps is None:
         t = schedule.t_at(s[:-1])
     else:
-        t = torch.as_tensor(timesteps, dtype=F64).flatten()
+        t = as_float64("timesteps", timesteps)
         if t.numel() != s.numel() - 1:
             raise ValueError(f"timesteps must have len(sigmas) - 1 = {s.numel() - 1} entries, got {t.numel()}")
         if bool((t[1:] > t[:-1]).any()) or not bool(((t >= 0) & (t <= T - 1)).all()):  # NaN fails too
@@ -103,7 +103,7 @@ def make_grid(schedule: Schedule, steps: int, *, spacing: str = "trailing", step
     T = schedule.num_train_timesteps
     abar_train = schedule.alphas_cumprod
     if timesteps is not None:
-        t = torch.as_tensor(timesteps, dtype=F64).flatten()
+        t = as_float64("timesteps", timesteps)
         if t.numel() < 1 or bool((t[1:] >= t[:-1]).any()):
             raise ValueError("timesteps must be a non-empty, strictly decreasing sequence")
         if not bool(((t >= 0) & (t <= T - 1)).all()):  # NaN fails too

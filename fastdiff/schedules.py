@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from .checks import as_float64
+
 F64 = torch.float64
 
 
@@ -18,16 +20,6 @@ def _check_positive_int(name: str, value) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return value
-
-
-def _as_float64(name: str, values) -> torch.Tensor:
-    """A sequence or tensor of real numbers as a flat float64 copy; anything else names `name`."""
-    if isinstance(values, (str, bytes)) or (torch.is_tensor(values) and (values.is_complex() or values.dtype == torch.bool)):
-        raise ValueError(f"{name} must be a sequence or tensor of real numbers, got {values!r:.60}")
-    try:
-        return torch.as_tensor(values, dtype=F64).flatten().clone()
-    except (TypeError, ValueError, RuntimeError):
-        raise ValueError(f"{name} must be a sequence or tensor of real numbers, got {values!r:.60}") from None
 
 
 def _betas_from_alphas_cumprod(abar: torch.Tensor) -> torch.Tensor:
@@ -39,7 +31,7 @@ class Schedule:
     """A discrete variance-preserving schedule of `num_train_timesteps` betas (float64)."""
 
     def __init__(self, betas, *, name: str = "custom"):
-        betas = _as_float64("betas", betas)
+        betas = as_float64("betas", betas)
         if betas.numel() < 1:
             raise ValueError("betas must hold at least one value")
         if not torch.isfinite(betas).all() or (betas <= 0).any() or (betas > 1).any():
@@ -55,7 +47,7 @@ class Schedule:
 
     @classmethod
     def from_alphas_cumprod(cls, alphas_cumprod, *, name: str = "custom") -> "Schedule":
-        abar = _as_float64("alphas_cumprod", alphas_cumprod)
+        abar = as_float64("alphas_cumprod", alphas_cumprod)
         return cls(_betas_from_alphas_cumprod(abar), name=name)
 
     @classmethod

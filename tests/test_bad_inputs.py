@@ -264,6 +264,8 @@ SCHEDULES = [
     (lambda: make_grid(S, 2, timesteps=[NAN, 3]), "timesteps"),
     (lambda: make_grid(S, 2, sigmas=[1.0, 0.5], timesteps=[NAN]), "timesteps"),
     (lambda: make_grid(S, 3, sigmas=[1.0, NAN, 0.0]), "sigmas"),
+    (lambda: make_grid(S, 3, sigmas=[1.0, "0.5", 0.0]), "sigmas"),
+    (lambda: make_grid(S, 2, timesteps="99, 3"), "timesteps"),
     (lambda: make_grid(S, 5, spacing="middle"), "spacing"),
 ]  # from_diffusers(num_train_timesteps=-1): tests/test_diffusers_equivalence.py (diffusers is slow to import)
 
