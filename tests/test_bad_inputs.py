@@ -308,13 +308,21 @@ def test_progress_defaults_to_a_bar_per_step_on_a_cpu_terminal_only(monkeypatch)
 
 @pytest.mark.cuda
 def test_progress_with_a_captured_graph_counts_calls(monkeypatch):
+    bars = []
+    make_bar = runners.progress_bar
+    monkeypatch.setattr(runners, "progress_bar", lambda *args: bars.append(make_bar(*args)) or bars[-1])
     smp = Sampler(model().cuda(), S, steps=5, device="cuda")
     for _ in range(2):  # the capture, then a replay
         err = io.StringIO()
         monkeypatch.setattr(sys, "stderr", err)
+        bars.clear()
         smp.sample(shape=SHAPE, seeds=[0, 1], progress=True)
-        assert "sampling (one CUDA graph)" in err.getvalue() and "1/1" in err.getvalue()
+        assert "sampling (one CUDA graph)" in err.getvalue()
+        assert bars[0].total == bars[0].n == 1 and bars[0].unit == "call"
     assert smp.num_cached_graphs == 1
+    bars.clear()
+    smp.sample(shape=SHAPE, seeds=[0, 1])  # 'auto' on CUDA: no bar
+    assert not bars
 
 
 # ---- one wrong argument at a time ----------------------------------------------------------
