@@ -237,6 +237,8 @@ ADD_NOISE = [
     (dict(seeds=None), "seeds"),
     (dict(seeds=[0.5, 1]), "seeds"),
     (dict(schedule="linear"), "schedule"),
+    (dict(schedule=Schedule.flow_matching(), t=NAN), "t"),
+    (dict(schedule=Schedule.flow_matching(), t=1000.0), "t"),
     (dict(backend="cuda"), "backend"),
 ]
 
@@ -266,6 +268,7 @@ SCHEDULES = [
     (lambda: make_grid(S, 3, sigmas=[1.0, NAN, 0.0]), "sigmas"),
     (lambda: make_grid(S, 3, sigmas=[1.0, "0.5", 0.0]), "sigmas"),
     (lambda: make_grid(S, 2, timesteps="99, 3"), "timesteps"),
+    (lambda: make_grid(Schedule.flow_matching(), 2, timesteps=[NAN, 3.0]), "timesteps"),
     (lambda: make_grid(S, 5, spacing="middle"), "spacing"),
 ]  # from_diffusers(num_train_timesteps=-1): tests/test_diffusers_equivalence.py (diffusers is slow to import)
 
