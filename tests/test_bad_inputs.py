@@ -149,6 +149,18 @@ def test_a_model_output_that_is_not_shaped_like_its_input_is_an_error(fn, exc, m
         Sampler(fn, S, steps=3).sample(shape=SHAPE, seeds=[0, 1])
 
 
+@pytest.mark.parametrize("use", ["invert", "elbo", "log_likelihood"])
+def test_inversion_and_likelihoods_check_the_model_output_too(use):
+    """The same check (loop.checked_output) wherever the library calls the model."""
+    first_row = lambda x, t, **kw: _inner(x, t)[:1]  # noqa: E731
+    x0 = torch.randn(SHAPE)
+    call = {"invert": lambda: Sampler(first_row, S, steps=10).invert(x0),
+            "elbo": lambda: fastdiff.elbo(first_row, S, x0, seeds=[0, 1], timesteps=4, decoder="gaussian"),
+            "log_likelihood": lambda: fastdiff.log_likelihood(first_row, S, x0, steps=2, seeds=[0, 1])}[use]
+    with pytest.raises(ValueError, match=r"model returned shape \(1, 3\) for an input x of shape"):
+        call()
+
+
 def test_a_guided_model_must_return_both_halves():
     half = Sampler(lambda x, t, class_labels: _inner(x, t)[: x.shape[0] // 2], S, steps=3)
     with pytest.raises(ValueError, match=r"model returned shape \(2, 3\) for an input x of shape \(4, 3\)"):
