@@ -5,7 +5,8 @@
     schedule_tables  alphas_cumprod, SNRs and DDPM posterior tables on the device (schedule_tables.py)
     solver_table     a solver's coefficient table for a grid on the device, fp64 (solver_tables.py)
 
-philox.py holds the in-kernel normal draw, bit-compatible with fastdiff.rng.
+philox.py holds the in-kernel normal draw, bit-compatible with fastdiff.rng; tiles.py the 1-D
+grid of (samples, chunk) tiles the per-sample kernels launch.
 """
 from .affine_step import affine_step
 from .forward_noise import forward_noise
