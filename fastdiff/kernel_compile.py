@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import io
 import itertools
@@ -200,37 +201,46 @@ def sampler_configs(full: bool):
         yield kw, sample_kw, batch
 
 
-def run_library_paths(full: bool = False) -> int:
-    """Run the library's kernel paths (see the module docstring); returns the number of runs."""
+def library_runs(full: bool = False) -> list:
+    """The library's kernel paths (see the module docstring) as a list of calls."""
     from fastdiff import Sampler, Schedule, add_noise
     from fastdiff.kernels import schedule_tables
 
     schedule = Schedule.linear()
     model = TinyDenoiser()
-    runs = 0
-    for kw, sample_kw, batch in sampler_configs(full):
+
+    def sample(kw, sample_kw, batch):
         sampler = Sampler(model, schedule, backend="triton", graph=False, **kw)
         sampler.sample(shape=(batch, *SAMPLE_SHAPE), seeds=range(batch), **sample_kw)
-        runs += 1
-    for dtype, given_noise, shape in itertools.product(DTYPES, (False, True), [(2, *SAMPLE_SHAPE), (5, 3), (1, 7)]):
+
+    def noise(dtype, given, shape):
         x0 = torch.zeros(shape, dtype=dtype)
-        noise = torch.ones(shape, dtype=dtype) if given_noise else None
-        add_noise(x0, 500, schedule, noise=noise, seeds=None if given_noise else range(shape[0]), backend="triton")
-        runs += 1
-    for T in ((2, 1000, 4096, 8192) if full else (1000,)):
-        schedule_tables(torch.linspace(1e-4, 0.02, T, dtype=torch.float64))
-        runs += 1
+        z = torch.ones(shape, dtype=dtype) if given else None
+        add_noise(x0, 500, schedule, noise=z, seeds=None if given else range(shape[0]), backend="triton")
+
+    runs = [functools.partial(sample, *config) for config in sampler_configs(full)]
+    runs += [functools.partial(noise, *case) for case in
+             itertools.product(DTYPES, (False, True), [(2, *SAMPLE_SHAPE), (5, 3), (1, 7)])]
+    runs += [functools.partial(schedule_tables, torch.linspace(1e-4, 0.02, T, dtype=torch.float64))
+             for T in ((2, 1000, 4096, 8192) if full else (1000,))]
     return runs
 
 
-def collect(full: bool = False) -> list[Variant]:
+def collect(full: bool = False, jobs: int = 1) -> list[Variant]:
     """The distinct variants the library's paths launch, in first-launch order. The paths run
-    in Triton's interpreter on the CPU: here if it is on, else in a spawned process."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        with _environ("TRITON_INTERPRET", "1"), multiprocessing.get_context("spawn").Pool(1) as pool:
-            return pool.apply(collect, (full,))
+    in Triton's interpreter on the CPU: here if it is on and jobs is 1, else in `jobs`
+    spawned processes, each taking every jobs-th run."""
+    if os.environ.get("TRITON_INTERPRET") == "1" and jobs == 1:
+        return _collect_part(full, 0, 1)
+    with _environ("TRITON_INTERPRET", "1"), multiprocessing.get_context("spawn").Pool(jobs) as pool:
+        parts = pool.starmap(_collect_part, [(full, part, jobs) for part in range(jobs)])
+    return list({v.key: v for variants in parts for v in variants}.values())
+
+
+def _collect_part(full: bool, part: int, parts: int) -> list[Variant]:
     with record_launches() as launches:
-        run_library_paths(full)
+        for run in library_runs(full)[part::parts]:
+            run()
     variants = {}
     for launch in launches:
         v = specialize(launch)
@@ -391,7 +401,7 @@ def main(argv=None) -> int:
     if ptxas_path() is None:
         sys.exit("fastdiff.kernel_compile: no ptxas (Triton's wheel bundles one; or set TRITON_PTXAS_PATH)")
     start = time.perf_counter()
-    variants = collect(a.full)
+    variants = collect(a.full, a.jobs or os.cpu_count() or 1)
     collected = time.perf_counter() - start
     results = compile_variants(variants, a.arch, a.jobs, a.cache_dir)
     print(f"{len(variants)} variants collected in {collected:.0f} s; {len(results)} compiles in "
