@@ -34,6 +34,7 @@ import re
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -232,8 +233,9 @@ def collect(full: bool = False, jobs: int = 1) -> list[Variant]:
     spawned processes, each taking every jobs-th run."""
     if os.environ.get("TRITON_INTERPRET") == "1" and jobs == 1:
         return _collect_part(full, 0, 1)
-    with _environ("TRITON_INTERPRET", "1"), multiprocessing.get_context("spawn").Pool(jobs) as pool:
-        parts = pool.starmap(_collect_part, [(full, part, jobs) for part in range(jobs)])
+    with _environ("TRITON_INTERPRET", "1"), ProcessPoolExecutor(
+            jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        parts = list(pool.map(_collect_part, [full] * jobs, range(jobs), [jobs] * jobs))
     return list({v.key: v for variants in parts for v in variants}.values())
 
 
@@ -343,9 +345,11 @@ def compile_variants(variants: list[Variant], archs=ARCHS, jobs: int | None = No
     interpreter); `cache_dir` None: Triton's own cache (what a GPU run reads)."""
     tasks = [(v, arch) for v in variants for arch in archs]
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(tasks)))
-    with _environ("TRITON_INTERPRET", None), multiprocessing.get_context("spawn").Pool(
-            jobs, initializer=_worker_init, initargs=(cache_dir,)) as pool:
-        return pool.map(_compile_one, tasks, chunksize=1)
+    # a pool that raises if a worker dies (multiprocessing.Pool would wait forever)
+    with _environ("TRITON_INTERPRET", None), ProcessPoolExecutor(
+            jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+            initargs=(cache_dir,)) as pool:
+        return list(pool.map(_compile_one, tasks))
 
 
 @contextlib.contextmanager

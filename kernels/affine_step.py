@@ -25,7 +25,7 @@ from fastdiff.dtypes import MODEL_DTYPES
 from fastdiff.rng import STREAM_STEP
 
 from .philox import normal_block
-from .tiles import launch_grid, sample_tile, tile_shape
+from .tiles import NUM_WARPS, launch_grid, sample_tile, tile_shape
 
 ROW_WIDTH = 3 + 2 * NCOL  # [d_point, d_out, c_in_next, state[NCOL], point[NCOL]]
 # in-kernel column offsets of the row (constexpr globals)
@@ -208,5 +208,5 @@ def affine_step(
             THRESH=thresh is not None, OUT_SCALE=out_scale is not None,
             WRITE_MODEL_IN=model_in is not None,
             MODEL_IN_CFG=model_in is not None and model_in.shape[0] == 2 * B,
-            STREAM=STREAM_STEP, ROWS=ROWS, BLOCK=BLOCK, num_warps=4,
+            STREAM=STREAM_STEP, ROWS=ROWS, BLOCK=BLOCK, num_warps=NUM_WARPS,
         )

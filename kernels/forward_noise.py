@@ -15,7 +15,7 @@ from fastdiff.dtypes import MODEL_DTYPES
 from fastdiff.rng import STREAM_FORWARD
 
 from .philox import normal_block
-from .tiles import launch_grid, sample_tile, tile_shape
+from .tiles import NUM_WARPS, launch_grid, sample_tile, tile_shape
 
 
 @triton.jit
@@ -76,6 +76,7 @@ def forward_noise(
     with on_device(x0):
         _forward_noise_kernel[grid](
             x0, abar, seeds, noise if noise is not None else x0, out, int(step), B, N,
-            HAS_NOISE=noise is not None, STREAM=STREAM_FORWARD, ROWS=ROWS, BLOCK=BLOCK, num_warps=4,
+            HAS_NOISE=noise is not None, STREAM=STREAM_FORWARD, ROWS=ROWS, BLOCK=BLOCK,
+            num_warps=NUM_WARPS,
         )
     return out

@@ -15,6 +15,11 @@ import triton
 import triton.language as tl
 
 TILE = 1024  # elements per program
+# 4 elements a thread: one 16-byte fp32 vector, and an fp16/bf16 tensor then takes the same
+# layout (at 8 a thread its 16-byte vectors hold 8 halves, the fp32 tensors' 4: every fp16
+# load and store went through a 4 KB shared-memory layout conversion; the compile report
+# shows 0 B now, and fewer registers). Elementwise kernels: no value depends on it.
+NUM_WARPS = TILE // (4 * 32)
 MAX_GRID = (2**31 - 1, 65535, 65535)  # CUDA's limits per grid axis
 
 
