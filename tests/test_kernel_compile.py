@@ -3,7 +3,7 @@
 fastdiff.kernel_compile runs the library's paths in Triton's interpreter with the launchers
 intercepted, then compiles each distinct variant with triton.compile and the ptxas of Triton's
 wheel. Default: the covering quick set (every option value of each kernel and model dtype,
-~45 compiles, ~40 s on 2 cores). FASTDIFF_KERNEL_SWEEP=full: every variant of the full sweep.
+44 compiles, ~50 s on 2 idle cores). FASTDIFF_KERNEL_SWEEP=full: every variant of the full sweep.
 This proves the kernels compile and bounds their registers and spills; it says nothing about
 their speed or their numerics on silicon (the interpreter tests and the CUDA tests do that).
 """
