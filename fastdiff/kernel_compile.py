@@ -6,7 +6,7 @@ Triton specializes on), and num_warps. This module
 
 * collects the variants the library really launches (`collect`): it runs its public paths,
   `Sampler.sample(backend="triton")` over solver x prediction x CFG x clip/threshold/rescale x
-  corrector x model dtype x img2img, `add_noise` and `schedule_tables`, on tiny shapes, with
+  corrector x model dtype x img2img, `add_noise`, `elbo` and `schedule_tables`, on tiny shapes, with
   every kernel's launcher intercepted (`record_launches`; in Triton's interpreter on a CPU),
   and reduces each launch to Triton's own specialization of it (`Variant`);
 * compiles each distinct variant for sm_90 and sm_80 with `triton.compile(ASTSource(...),
@@ -201,7 +201,7 @@ def sampler_configs(full: bool):
 
 def library_runs(full: bool = False) -> list:
     """The library's kernel paths (see the module docstring) as a list of calls."""
-    from fastdiff import Sampler, Schedule, add_noise
+    from fastdiff import Sampler, Schedule, add_noise, elbo
     from fastdiff.kernels import schedule_tables
 
     schedule = Schedule.linear()
@@ -216,7 +216,12 @@ def library_runs(full: bool = False) -> list:
         z = torch.ones(shape, dtype=dtype) if given else None
         add_noise(x0, 500, schedule, noise=z, seeds=None if given else range(shape[0]), backend="triton")
 
+    def bound(dtype):
+        elbo(model, schedule, torch.zeros(2, *SAMPLE_SHAPE), timesteps=2, decoder="gaussian", backend="triton",
+             dtype=dtype)
+
     runs = [functools.partial(sample, *config) for config in sampler_configs(full)]
+    runs += [functools.partial(bound, dtype) for dtype in DTYPES]
     runs += [functools.partial(noise, *case) for case in
              itertools.product(DTYPES, (False, True), [(2, *SAMPLE_SHAPE), (5, 3), (1, 7)])]
     runs += [functools.partial(schedule_tables, torch.linspace(1e-4, 0.02, T, dtype=torch.float64))

@@ -32,13 +32,13 @@ def sweep(tmp_path_factory):
 
 
 def test_the_collector_sees_every_kernel_and_flag_the_library_launches(sweep):
-    """The sweep is not vacuous: the fused step with each model dtype, forward noising with each
-    dtype, the schedule tables; and each of the step's feature flags both on and off."""
+    """The sweep is not vacuous: the fused step, forward noising and the KL reduction with each
+    model dtype, the schedule tables; and each of the step's feature flags both on and off."""
     variants, _ = sweep
     assert {(v.family, v.dtype) for v in variants} >= {
         ("affine_step", "fp32"), ("affine_step", "fp16"), ("affine_step", "bf16"),
         ("forward_noise", "fp32"), ("forward_noise", "fp16"), ("forward_noise", "bf16"),
-        ("schedule_tables", "fp64")}
+        ("gaussian_kl", "fp32"), ("gaussian_kl", "fp16"), ("gaussian_kl", "bf16"), ("schedule_tables", "fp64")}
     step = [v for v in variants if v.family == "affine_step"]
     names = kc._jit_function(kc.kernel_objects()["fastdiff.kernels.affine_step:_affine_step_kernel"]).arg_names
     seen = {}
