@@ -345,7 +345,12 @@ def compile_variants(variants: list[Variant], archs=ARCHS, jobs: int | None = No
                      cache_dir: str | None = None) -> list[Compiled]:
     """Compile every variant for every arch in `jobs` processes (spawned without Triton's
     interpreter); `cache_dir` None: Triton's own cache (what a GPU run reads)."""
-    tasks = [(v, arch) for v in variants for arch in archs]
+    return compile_tasks([(v, arch) for v in variants for arch in archs], jobs, cache_dir)
+
+
+def compile_tasks(tasks: list[tuple[Variant, int]], jobs: int | None = None,
+                  cache_dir: str | None = None) -> list[Compiled]:
+    """compile_variants over explicit (variant, arch) pairs."""
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(tasks)))
     # a pool that raises if a worker dies (multiprocessing.Pool would wait forever)
     with _environ("TRITON_INTERPRET", None), ProcessPoolExecutor(
