@@ -72,7 +72,7 @@ def main() -> int:
         "",
         f"The {'covering quick set' if a.quick else 'full sweep'} of `fastdiff.kernel_compile`: the library's "
         f"paths (Sampler.sample over solver x prediction x CFG x clip/threshold/rescale x corrector x model "
-        f"dtype x img2img x batch 1/2, add_noise, schedule_tables) ran in Triton's interpreter with the "
+        f"dtype x img2img x batch 1/2, add_noise, elbo, schedule_tables) ran in Triton's interpreter with the "
         f"launchers intercepted: {len(variants)} distinct variants in {collected:.0f} s; "
         f"{len(results)} compiles (variant x arch) in {compiled:.0f} s, {len(errors)} failed.",
         "",
