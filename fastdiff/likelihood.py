@@ -33,7 +33,7 @@ from . import rng
 from .dtypes import MODEL_DTYPES
 from .executors import resolve_backend
 from .grids import karras_sigmas
-from .models.adapters import plain_output
+from .loop import checked_output
 from .rng import STREAM_DEQUANT, STREAM_ELBO, STREAM_ELBO_TIMESTEPS, STREAM_PROBE
 from .schedules import Schedule
 from .seeds import as_seeds
@@ -247,7 +247,7 @@ def _terms(model, x0, seeds, cond, t, steps, abar, coef_t, mdtype, backend, deco
     x_t = (a.sqrt() * x0[:, None].double() + (1.0 - a).sqrt() * z.double()).to(mdtype).flatten(0, 1)  # [B*k, *S]
     rows = t.reshape(-1)
     kwargs = {name: v.repeat_interleave(k, 0) for name, v in cond.items()}
-    out = plain_output(model(x_t, rows.to(torch.float32), **kwargs))
+    out = checked_output(model(x_t, rows.to(torch.float32), **kwargs), x_t)
     if not bool(torch.isfinite(out).all()):
         bad = rows[~torch.isfinite(out.flatten(1)).all(1)]
         raise FloatingPointError(f"non-finite model output at timestep {int(bad[0])}")
@@ -351,7 +351,8 @@ def log_likelihood(model, schedule: Schedule, x0: torch.Tensor, *, steps: int = 
         t = torch.full((B * K,), float(schedule.t_at(s)), dtype=torch.float32, device=device)
         with torch.enable_grad():
             y_rows = y.repeat_interleave(K, 0).detach().requires_grad_(True)
-            out = plain_output(model((c_in * y_rows).to(mdtype), t, **kwargs))
+            model_in = (c_in * y_rows).to(mdtype)
+            out = checked_output(model(model_in, t, **kwargs), model_in)
             D = d_point * y_rows + d_out * out.to(work)
             (vjp,) = torch.autograd.grad((D * e).sum(), y_rows)
         if not bool(torch.isfinite(out).all()):

@@ -18,7 +18,8 @@ LAYERS = [
     ("front", {"__init__", "integrations", "bench", "bench_cases", "distributed"}),
     ("sampling", {"sampler", "runners", "loop", "executors", "noising", "likelihood", "inversion"}),
     ("compilers", {"solvers", "models"}),
-    ("base", {"schedules", "grids", "kernels", "rng", "guidance", "dtypes", "devices", "columns", "seeds"}),
+    ("base", {"schedules", "grids", "kernels", "rng", "guidance", "dtypes", "devices", "columns", "seeds",
+              "checks"}),
 ]
 CLI = LAYERS[0][1]
 CORE = {"sampling", "compilers", "base"}  # imports neither diffusers nor the CLI
