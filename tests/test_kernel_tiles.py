@@ -6,9 +6,8 @@ could run (the launches are recorded, not executed)."""
 import pytest
 import torch
 
-from fastdiff import Schedule, add_noise
 from fastdiff.kernel_compile import record_launches
-from fastdiff.kernels import affine_step
+from fastdiff.kernels import affine_step, forward_noise
 from fastdiff.kernels.affine_step import ROW_WIDTH
 from fastdiff.kernels.tiles import MAX_GRID, TILE, launch_grid, tile_shape
 
@@ -23,7 +22,7 @@ def test_launchers_grids_stay_within_cuda_limits(B, N):
     x = torch.empty(B, N)  # never written: the launches are recorded, not run
     seeds = torch.zeros(B, dtype=torch.int64)
     with record_launches(execute=False) as launches:
-        add_noise(x, 10, Schedule.linear(), seeds=seeds, backend="triton")
+        forward_noise(x, torch.zeros(B, dtype=torch.float64), seeds)
         affine_step(0, torch.zeros(1, ROW_WIDTH), x, torch.empty(2 * B, N), cfg_w=torch.ones(B), seeds=seeds)
     assert len(launches) == 2
     for launch in launches:
