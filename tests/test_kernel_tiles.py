@@ -16,7 +16,7 @@ def within_limits(grid):
     return len(grid) <= 3 and all(1 <= n <= limit for n, limit in zip(grid, MAX_GRID))
 
 
-@pytest.mark.parametrize("B, N", [(65536, 3), (10**6, 2), (70000, 4096), (3, 2**20)])
+@pytest.mark.parametrize("B, N", [(65536, 3), (10**6, 2), (70000, 1025), (3, 2**20)])
 def test_launchers_grids_stay_within_cuda_limits(B, N):
     """Before the 1-D grid, the batch sat on axis 1: B = 65536 asked for 65536 > 65535."""
     x = torch.empty(B, N)  # never written: the launches are recorded, not run
