@@ -17,9 +17,10 @@ LAYERS = [
     ("cli", {"__main__", "cli", "sample_cmd", "bulk", "evaluate", "nll_eval", "train", "models.train_classifier",
              "solver_error", "quality_intervals"}),
     ("front", {"__init__", "integrations", "bench", "bench_cases", "distributed"}),
-    ("sampling", {"sampler", "runners", "loop", "executors", "noising", "likelihood", "inversion"}),
+    ("sampling", {"sampler", "runners", "loop", "executors", "noising", "likelihood", "inversion", "conditioning"}),
     ("compilers", {"solvers", "models"}),
-    ("base", {"schedules", "grids", "kernels", "rng", "guidance", "dtypes", "devices", "columns", "seeds"}),
+    ("base", {"schedules", "grids", "kernels", "rng", "guidance", "dtypes", "devices", "columns", "seeds",
+              "checks"}),
 ]
 CLI = LAYERS[0][1]
 CORE = {"sampling", "compilers", "base"}  # imports neither diffusers nor the CLI
