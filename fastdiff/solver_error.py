@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from .evaluate import steps_for_nfe
+
 SOLVERS = ("ddim", "heun", "dpmpp_2m", "unipc")  # the deterministic (probability-flow ODE) solvers
 GRIDS = {"trailing": {"spacing": "trailing"}, "karras": {"sigmas": "karras"}, "exponential": {"sigmas": "exponential"}}
 NFES = (5, 10, 20, 50)
@@ -59,11 +61,6 @@ class Reference:
     halving_rmse: float  # RMSE between the solutions at `steps` and `steps // 2`
     halving_off: float
     seconds: float
-
-
-def steps_for_nfe(solver: str, nfe: int) -> int:
-    """Steps that cost at most `nfe` model evaluations: Heun's last step is a single Euler step."""
-    return (nfe + 1) // 2 if solver == "heun" else nfe
 
 
 def rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
