@@ -82,3 +82,15 @@ def test_solver_error_rejects_bad_settings():
         solver_error(loaded(), solvers=("rk4",), num_samples=1)
     with pytest.raises(ValueError, match="reference_steps"):
         solver_error(loaded(), reference_steps=2, num_samples=1)
+
+
+def test_quality_cell_specs():
+    from fastdiff.quality_intervals import parse_cell
+
+    assert parse_cell("dpmpp_2m@20+sigmas=exponential+guidance_rescale=0.7") == (
+        "dpmpp_2m", 20, {"sigmas": "exponential", "guidance_rescale": 0.7})
+    assert parse_cell("ddim@10+thresholding=1") == ("ddim", 10, {"thresholding": True})
+    for bad, name in (("ddim", "solver@nfe"), ("ddim@0", "solver@nfe"), ("rk4@10", "solver"),
+                      ("ddim@10+eta=1", "option")):
+        with pytest.raises(ValueError, match=name):
+            parse_cell(bad)
