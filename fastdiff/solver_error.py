@@ -109,10 +109,13 @@ def solver_error(loaded, *, solvers=SOLVERS, nfes=NFES, grids=tuple(GRIDS), guid
                  backend: str = "auto", log=None) -> tuple[list[ErrorCell], list[Reference]]:
     """Every (guidance, solver, grid, NFE) cell's distance from the reference solution; see the
     module docstring. `log(line)` is called after each cell (e.g. print)."""
-    from .solvers import check_solver
+    from .grids import make_grid
+    from .solvers import build_table, check_solver
 
     for s in solvers:
-        check_solver(s)
+        if build_table(check_solver(s), make_grid(loaded.schedule, 4), "epsilon").uses_noise().any():
+            raise ValueError(f"solvers: {s!r} draws noise at every step; solver error is for the deterministic "
+                             f"(probability-flow ODE) solvers, e.g. {', '.join(SOLVERS)}")
     for g in grids:
         if g not in GRIDS:
             raise ValueError(f"unknown grid {g!r}; allowed: {', '.join(GRIDS)}")

@@ -80,6 +80,8 @@ def test_solver_error_rejects_bad_settings():
         solver_error(loaded(), grids=("uniform",), num_samples=1)
     with pytest.raises(ValueError, match="solver"):
         solver_error(loaded(), solvers=("rk4",), num_samples=1)
+    with pytest.raises(ValueError, match="deterministic"):
+        solver_error(loaded(), solvers=("dpmpp_2m_sde",), num_samples=1)
     with pytest.raises(ValueError, match="reference_steps"):
         solver_error(loaded(), reference_steps=2, num_samples=1)
 
