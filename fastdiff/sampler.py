@@ -115,8 +115,8 @@ class Sampler:
                     raise ValueError(f"{name}={value!r} is not available on a flow-matching schedule (its grid is "
                                      "set by shift/mu, sigmas or timesteps; the Langevin corrector and classifier "
                                      "guidance are written for VP processes)")
-        elif spacing is None and sigmas is None and timesteps is None:  # no grid named: the solver's default
-            sigmas = DEFAULT_SIGMAS.get(self.solver)
+        elif spacing is None and sigmas is None and timesteps is None and math.isfinite(schedule.sigma_max):
+            sigmas = DEFAULT_SIGMAS.get(self.solver)  # no grid named: the solver's default (zero terminal SNR: trailing)
         spacing = "trailing" if spacing is None else spacing
         T = schedule.num_train_timesteps
         explicit_sigmas = sigmas is not None and not isinstance(sigmas, str)  # VE sigmas [N+1], see grids

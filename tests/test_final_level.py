@@ -49,7 +49,8 @@ def test_heun_on_explicit_sigmas_ending_above_zero_is_k_diffusions():
     assert sampler.num_model_evals == 4
 
 
-@pytest.mark.parametrize("grid", [dict(final_alpha_cumprod=0.99), dict(sigmas="karras", final_alpha_cumprod=0.99995),
+@pytest.mark.parametrize("grid", [dict(spacing="trailing", final_alpha_cumprod=0.99),
+                                  dict(sigmas="karras", final_alpha_cumprod=0.99995),
                                   dict(sigmas=torch.tensor([10.0, 1.0, 0.1]))],
                          ids=["final-abar", "karras", "explicit"])
 @pytest.mark.parametrize("solver", SOLVERS)
