@@ -297,7 +297,7 @@ def machine_summary(device) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .sample_cmd import resolve_device
+    from .command_options import resolve_device
 
     device = resolve_device(args.device)
     if args.rounds < 1:

@@ -2,7 +2,7 @@
 after SIGKILL, atomic writes, and errors that name the rank or the path.
 
 A tiny class-conditional U-Net with fixed random weights (x0-prediction, so samples stay
-O(0.1)) is saved once per session and run through the real CLI (`python -m fastdiff.bulk`).
+O(0.1)) is saved once per session and run through the real CLI (`fastdiff sample --outdir`).
 """
 import errno
 import os
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastdiff import bulk, cli
+from fastdiff import bulk, cli, distributed
 
 PY = sys.executable
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -53,8 +53,8 @@ def script(tmp_path: Path, body: str) -> Path:
     path = tmp_path / "driver.py"
     path.write_text(textwrap.dedent("""
         import os, sys, time
-        from fastdiff import bulk, cli
-        load = bulk._load
+        from fastdiff import bulk, cli, sample_cmd
+        load = sample_cmd.load_diffusion_model
 
         def patched_load(name, device):
             loaded = load(name, device)
@@ -68,7 +68,7 @@ def script(tmp_path: Path, body: str) -> Path:
             return loaded
 
         if __name__ == "__main__":
-            bulk._load = patched_load
+            sample_cmd.load_diffusion_model = patched_load
             sys.exit(cli.main(sys.argv[1:]))
     """).replace("{body}", textwrap.indent(textwrap.dedent(body).strip(), " " * 8)))
     return path
@@ -166,7 +166,7 @@ def test_sigkill_then_rerun_completes_identically(tiny_model, tmp_path, capsys, 
 
 # ---- failures -----------------------------------------------------------------------
 def _fail_on_rank_1(how: str) -> None:
-    with bulk.distributed("cpu") as (ranks, _):
+    with distributed.distributed("cpu") as (ranks, _):
         if ranks.rank == 1:
             if how == "exit":
                 os._exit(3)
@@ -176,8 +176,8 @@ def _fail_on_rank_1(how: str) -> None:
 
 @pytest.mark.parametrize("how, detail", [("exit", "exited with code 3"), ("raise", "RuntimeError: injected failure")])
 def test_spawn_names_the_failed_rank(how, detail):
-    with pytest.raises(bulk.RankFailedError, match=f"rank 1 failed: {detail}") as e:
-        bulk.launch(2, _fail_on_rank_1, how)
+    with pytest.raises(distributed.RankFailedError, match=f"rank 1 failed: {detail}") as e:
+        distributed.launch(2, _fail_on_rank_1, how)
     assert e.value.rank == 1
 
 
@@ -251,7 +251,7 @@ def test_an_explicit_gpu_index_with_several_ranks_and_gpus_is_refused(monkeypatc
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="--device cuda:0 would put all 2 ranks on one of the 2 GPUs; "
                                          "use --device cuda"):
-        with bulk.distributed("cuda:0"):
+        with distributed.distributed("cuda:0"):
             pass
 
 
@@ -260,5 +260,5 @@ def test_each_rank_takes_local_rank_modulo_the_gpus_it_sees(monkeypatch, gpus, l
     """One GPU per rank under per-rank CUDA_VISIBLE_DEVICES (SLURM --gpus-per-task=1): cuda:0."""
     chosen = fake_gpus(monkeypatch, gpus)
     monkeypatch.setenv("LOCAL_RANK", str(local_rank))
-    with bulk.distributed("cuda") as (_, device):
+    with distributed.distributed("cuda") as (_, device):
         assert device == torch.device(want) and chosen == [device]
