@@ -27,13 +27,19 @@ def add_model_arguments(p: argparse.ArgumentParser, guidance: bool = True) -> No
                        help="classifier-free guidance scale w: out = u + w (c - u); 0 is the unconditional "
                             "model, 1 the conditional model alone (both one model call per step) "
                             "(default: %(default)s)")
-    p.add_argument("--no-progress", action="store_true",
-                   help="hide the progress bar (shown only when stderr is a terminal)")
+    add_progress_arguments(p)
+
+
+def add_progress_arguments(p: argparse.ArgumentParser) -> None:
+    bar = p.add_mutually_exclusive_group()
+    bar.add_argument("--progress", action="store_true", help="show the progress bar even when stderr is not a "
+                     "terminal (default: shown on a terminal only)")
+    bar.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def show_progress(args: argparse.Namespace) -> bool:
-    """A bar on an interactive terminal unless --no-progress; never in logs or pipes."""
-    return not args.no_progress and sys.stderr.isatty()
+    """A bar on an interactive terminal, or anywhere with --progress; never with --no-progress."""
+    return args.progress or (not args.no_progress and sys.stderr.isatty())
 
 
 def guidance_scale(args: argparse.Namespace) -> float:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -242,6 +241,8 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .command_options import add_progress_arguments
+
     d = TrainConfig()
     a = parser.add_argument
     a("--out", default="runs/digits", help="output folder for digits.safetensors/.json, loss.csv, loss.png "
@@ -275,7 +276,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--init", default=None, help="continue from this saved model (.safetensors); its architecture is kept, so "
       "the architecture flags cannot be given with it (default: a new model)")
     a("--threads", type=int, default=None, help="torch CPU threads, >= 1 (default: torch's choice)")
-    a("--no-progress", action="store_true", help="hide the progress bar")
+    add_progress_arguments(parser)
 
 
 ARCHITECTURE_FLAGS = {"base_channels": "--base-channels", "channel_mults": "--channel-mults",
@@ -353,10 +354,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def main(args: argparse.Namespace) -> int:
+    from .command_options import show_progress
+
     cfg = config_from_args(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    result = train(cfg, args.out, progress=not args.no_progress and sys.stderr.isatty())
+    result = train(cfg, args.out, progress=show_progress(args))
     out = Path(args.out)
     print(f"fastdiff train: {len(result.losses)} steps in {result.seconds / 60:.1f} min, "
           f"final loss (mean of last 100) {result.metadata['training']['final_loss_mean_last_100']:.4f}")

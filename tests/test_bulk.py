@@ -75,7 +75,10 @@ def script(tmp_path: Path, body: str) -> Path:
 
 
 def files(d: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+    """The samples and any temporaries; not the run's lock and settings record."""
+    from fastdiff.output_files import LOCK_NAME, RUN_NAME
+
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.name not in (LOCK_NAME, RUN_NAME)}
 
 
 # ---- world size ---------------------------------------------------------------------
@@ -87,7 +90,7 @@ def test_one_and_two_ranks_give_the_same_samples(tiny_model, tmp_path, capfd, la
     npz = tmp_path / "all.npz"
     args = cli_args(tiny_model, two, "0-10,7", "--batch", "3", "--guidance-scale", "2", "--npz", str(npz))
     if launcher == "torchrun":
-        args.remove("--no-progress")
+        args[args.index("--no-progress")] = "--progress"  # stderr is a pipe here
         r = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                             "-m", "fastdiff", *args], env=ENV, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr[-3000:]
@@ -193,14 +196,18 @@ def test_torchrun_names_the_failed_rank(tiny_model, tmp_path):
 
 
 def test_disk_full_names_the_path(tiny_model, tmp_path, monkeypatch, capsys):
-    def fsync(fd):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    real_fsync = os.fsync
+
+    def fsync(fd):  # the disk fills up at the first sample (the small run record still fit)
+        if ".npy" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
     assert cli.main(cli_args(tiny_model, tmp_path, "0-3")) == 1
     err = capsys.readouterr().err
     assert f"fastdiff: error: cannot write {tmp_path / '000000.npy'}: [Errno 28] No space left on device" in err
-    assert [p.name for p in tmp_path.iterdir()] == []  # no partial file, no temporary
+    assert files(tmp_path) == {}  # no partial file, no temporary
 
 
 def test_permission_denied_names_the_path(tiny_model, tmp_path, monkeypatch, capsys):
@@ -209,7 +216,8 @@ def test_permission_denied_names_the_path(tiny_model, tmp_path, monkeypatch, cap
 
     monkeypatch.setattr(tempfile, "mkstemp", mkstemp)  # chmod does not stop root
     assert cli.main(cli_args(tiny_model, tmp_path, "5")) == 1
-    assert f"cannot write {tmp_path / '000005.npy'}: [Errno 13] Permission denied" in capsys.readouterr().err
+    # the first file a run writes is its settings record
+    assert f"cannot write {tmp_path / '.fastdiff-run.json'}: [Errno 13] Permission denied" in capsys.readouterr().err
 
 
 def test_outdir_under_a_file_names_the_path(tiny_model, tmp_path, capsys):
@@ -262,3 +270,36 @@ def test_each_rank_takes_local_rank_modulo_the_gpus_it_sees(monkeypatch, gpus, l
     monkeypatch.setenv("LOCAL_RANK", str(local_rank))
     with distributed.distributed("cuda") as (_, device):
         assert device == torch.device(want) and chosen == [device]
+
+
+# ---- concurrency ----------------------------------------------------------------------
+def test_two_runs_into_one_folder_share_the_work(tiny_model, tmp_path):
+    """Two processes started together into one folder: the second waits on the folder's lock,
+    then finds every file there; neither dies, neither's temporaries are touched by the other."""
+    out = tmp_path / "out"
+    driver = script(tmp_path, "time.sleep(0.05)")  # ~0.6 s of sampling per run
+    go = tmp_path / "go"
+    starter = tmp_path / "start.py"  # both processes reach cli.main at the same moment
+    starter.write_text(textwrap.dedent(f"""
+        import os, runpy, sys, time
+        from pathlib import Path
+        Path(sys.argv[1]).touch()
+        while not Path({str(go)!r}).exists():
+            time.sleep(0.005)
+        sys.argv = [{str(driver)!r}, *sys.argv[2:]]
+        runpy.run_path({str(driver)!r}, run_name="__main__")
+    """))
+    procs = [subprocess.Popen([PY, str(starter), str(tmp_path / f"ready{i}"),
+                               *cli_args(tiny_model, out, "0-7", "--batch", "2")],
+                              env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / f"ready{i}").exists() for i in range(2)):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.01)
+    go.touch()
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [r[1][-2000:] for r in results]
+    news = sorted(int(r[0].split(" new,")[0].rsplit("(", 1)[1]) for r in results)
+    assert news == [0, 8]  # one run did all the work, the other found it done
+    assert sum("another run is writing into" in r[1] for r in results) == 1
+    assert sorted(files(out)) == [f"{s:06d}.npy" for s in range(8)]

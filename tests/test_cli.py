@@ -347,7 +347,8 @@ def test_progress_only_on_a_terminal(tmp_path, capsys, tiny_model, monkeypatch):
     import sys
 
     args = ["sample", "--model", tiny_model, "--steps", 2, "--classes", 1]
-    for extra, tty, shown in (([], True, True), (["--no-progress"], True, False), ([], False, False)):
+    for extra, tty, shown in (([], True, True), (["--no-progress"], True, False), ([], False, False),
+                              (["--progress"], False, True)):
         monkeypatch.setattr(sys.stderr, "isatty", lambda: tty, raising=False)
         for mode in (["--per-class", 1, "--out", tmp_path / "g.png"], ["--seeds", 0, "--outdir", tmp_path / "o"]):
             code, _, err = run_cli(capsys, *args, *mode, *extra)
@@ -362,7 +363,7 @@ def test_help_texts():
         text = parser.format_help()
         assert "%%" not in text and "%(" not in text, name
     for action in sub["train"]._actions:
-        if action.dest not in ("help", "no_progress"):
+        if action.dest not in ("help", "no_progress", "progress"):
             assert action.help and "default" in action.help, action.option_strings
 
 
