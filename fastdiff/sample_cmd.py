@@ -29,10 +29,12 @@ BULK_FLAGS = {"batch": "--batch", "format": "--format", "npz": "--npz", "nproc":
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .bulk import FORMATS
+    from .solvers import SOLVERS
 
     add_model_arguments(p)
-    p.add_argument("--solver", default=DEFAULT_SOLVER, help="default: %(default)s")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="default: %(default)s")
+    p.add_argument("--solver", default=DEFAULT_SOLVER,
+                   help=f"one of {', '.join(SOLVERS)} (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="solver steps (default: %(default)s)")
     p.add_argument("--classes", default=None,
                    help="comma-separated class ids: one grid row each; in bulk mode seed s gets "
                         "classes[s %% len(classes)] (default: all classes)")
@@ -56,11 +58,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     bulk_mode = args.outdir is not None
-    mine, other = (BULK_FLAGS, GRID_FLAGS) if bulk_mode else (GRID_FLAGS, BULK_FLAGS)
+    other, belongs, here = ((GRID_FLAGS, "grid mode (without --outdir)", "bulk mode writes one file per seed into "
+                             "--outdir") if bulk_mode else
+                            (BULK_FLAGS, "bulk mode (--outdir DIR)", "grid mode writes one image, --out"))
     for name, flag in other.items():
         if getattr(args, name) is not None:
-            raise ValueError(f"{flag} belongs to {'grid mode (without --outdir)' if bulk_mode else 'bulk mode (--outdir DIR)'}"
-                             f"; {'bulk mode writes one file per seed into --outdir' if bulk_mode else 'grid mode writes one image, --out'}")
+            raise ValueError(f"{flag} belongs to {belongs}; {here}")
     from .solvers import check_solver
 
     check_solver(args.solver)
