@@ -27,8 +27,8 @@ import torch
 
 from .conditioning import class_conditioning
 from .distributed import Ranks, current_ranks
-from .output_files import (TMP_PREFIX, TMP_SUFFIX, OutputError, atomic_open, check_run_settings,  # noqa: F401
-                           folder_lock, fsync_dir, os_message, remove_stale_temporaries, write_atomic)
+from .output_files import (OutputError, atomic_open, check_run_settings, folder_lock, fsync_dir, os_message,
+                           remove_stale_temporaries, write_atomic)
 
 FORMATS = ("png", "npy")
 PNG_MODES = {1: "L", 3: "RGB", 4: "RGBA"}

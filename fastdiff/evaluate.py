@@ -231,7 +231,8 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--solvers must name at least one solver; allowed: {', '.join(SOLVERS)}")
     nfes = _int_list("--nfes", args.nfes)
     if args.num_samples < 2:
-        raise ValueError(f"--num-samples must be >= 2 (the Fréchet distance needs a covariance), got {args.num_samples}")
+        raise ValueError(f"--num-samples must be >= 2 (the Fréchet distance needs a covariance), "
+                         f"got {args.num_samples}")
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
     guidance_scale(args)

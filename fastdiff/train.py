@@ -260,7 +260,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--image-size", type=int, default=d.image_size,
       help="the 8x8 digits are upsampled to this power of two (default: %(default)s)")
     a("--base-channels", type=int, default=None,
-      help=f"U-Net channels at full resolution; a multiple of 8 (default: {d.base_channels}; from the model with --init)")
+      help=f"U-Net channels at full resolution, an even number (default: {d.base_channels}; from the model with "
+           "--init)")
     a("--channel-mults", default=None,
       help=f"comma-separated channel multipliers, one per resolution (default: "
            f"{','.join(map(str, d.channel_mults))}; from the model with --init)")
@@ -346,7 +347,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if cfg.init is None:
         try:  # one tiny forward pass: whatever else the architecture cannot do shows here, named
             with torch.no_grad():
-                unet_for(cfg)(torch.zeros(1, 1, size, size), torch.zeros(1), class_labels=torch.zeros(1, dtype=torch.long))
+                x, t, y = torch.zeros(1, 1, size, size), torch.zeros(1), torch.zeros(1, dtype=torch.long)
+                unet_for(cfg)(x, t, class_labels=y)
         except (RuntimeError, ValueError) as e:
             raise ValueError(f"--base-channels {base} --channel-mults {','.join(map(str, mults))}: not a U-Net "
                              f"that runs: {str(e).splitlines()[0]}") from None

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastdiff import bulk, cli, distributed
+from fastdiff import bulk, cli, distributed, output_files
 
 PY = sys.executable
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -160,7 +160,7 @@ def test_sigkill_then_rerun_completes_identically(tiny_model, tmp_path, capsys, 
     proc.wait()
     done = len(list(out.glob("*.npy")))
     assert 4 <= done < 16
-    (out / f"{bulk.TMP_PREFIX}000009.npy.x{bulk.TMP_SUFFIX}").write_bytes(b"half a file")  # as if killed mid-write
+    (out / f"{output_files.TMP_PREFIX}000009.npy.x{output_files.TMP_SUFFIX}").write_bytes(b"half a file")  # as if killed mid-write
     capsys.readouterr()
     assert cli.main(cli_args(tiny_model, out, "0-15", "--batch", "2")) == 0
     assert f"{16 - done} new, {done} already there" in capsys.readouterr().out
@@ -303,3 +303,18 @@ def test_two_runs_into_one_folder_share_the_work(tiny_model, tmp_path):
     assert news == [0, 8]  # one run did all the work, the other found it done
     assert sum("another run is writing into" in r[1] for r in results) == 1
     assert sorted(files(out)) == [f"{s:06d}.npy" for s in range(8)]
+
+
+def test_local_ranks_on_the_cpu_split_the_cores(tiny_model, tmp_path, monkeypatch, capsys):
+    """--nproc N on the CPU: each rank takes cores // N threads (N ranks x all cores would
+    oversubscribe), unless OMP_NUM_THREADS says otherwise."""
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert cli.main(cli_args(tiny_model, tmp_path / "a", "0")) == 0
+    assert calls == [2]  # 8 cores // 3 ranks
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert cli.main(cli_args(tiny_model, tmp_path / "b", "0")) == 0
+    assert calls == [2]

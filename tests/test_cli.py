@@ -57,7 +57,8 @@ def grid_cells(path, rows, cols, size=8, scale=4, pad=2):
 
     a = np.asarray(Image.open(path))
     step = size * scale + pad
-    return np.stack([a[pad + r * step: pad + r * step + size * scale: scale, pad + c * step: pad + c * step + size * scale: scale]
+    span = size * scale
+    return np.stack([a[pad + r * step: pad + r * step + span: scale, pad + c * step: pad + c * step + span: scale]
                      for r in range(rows) for c in range(cols)])
 
 
