@@ -89,7 +89,7 @@ def test_loop(benchmark, device, case, build, impl):
         graph = impl.startswith("fastdiff-graph")
         sampler, run = bench.fastdiff_loop(lm, device, graph=graph, compile=compile)
         info["first_call_s"] = bench.timed_call(run, device)  # buffers; with graph: warm-up (+ compile), capture
-        info.update(bench.graph_timings(sampler) if graph else {})
+        info.update(sampler.timings if graph else {})
     elif impl == "diffusers-eager":
         run = bench.diffusers_loop(lm, device)
         info["first_call_s"] = bench.timed_call(run, device)

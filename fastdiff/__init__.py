@@ -4,6 +4,7 @@ Solvers compile to float64 coefficient tables (fastdiff.solvers); one affine exe
 any row, in plain PyTorch or as one fused Triton kernel; on CUDA the whole loop is one graph.
 """
 from .grids import Grid, make_grid
+from .integrations import diffusers as _diffusers_integration  # noqa: F401  (attaches Sampler.from_diffusers)
 from .noising import add_noise
 from .sampler import Sampler
 from .schedules import Schedule

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .runners import capture_graph
+
 STEP_SHAPES = ((1, 4, 64, 64), (16, 4, 64, 64), (8, 4, 128, 128), (64, 3, 32, 32))
 BANDWIDTH_SHAPE = (256, 4, 128, 128)  # 64 MiB per float32 tensor: the copy-bandwidth target's size
 SCHEDULERS = {  # fastdiff solver -> the diffusers scheduler that computes the same step
@@ -86,16 +88,11 @@ def fastdiff_step(solver: str, shape, cfg: bool, device, model_dtype, backend: s
     nbytes = step_bytes(table, row, math.prod(shape), cfg, 4, out.element_size())
     if not graph:
         return StepCase(lambda: executor.step(row, out), nbytes, keep=[bufs, out])
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):  # compile and autotune outside the capture
+    def steps(n):
+        for _ in range(n):
             executor.step(row, out)
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(GRAPH_STEPS):
-            executor.step(row, out)
+
+    g, _ = capture_graph(lambda: steps(GRAPH_STEPS), warmup=lambda: steps(3))  # compile, autotune first
     return StepCase(g.replay, nbytes, GRAPH_STEPS, keep=[bufs, out, executor, g])  # executor.coef: read by g
 
 
@@ -183,28 +180,12 @@ class LoopModel:
 
 
 def digits_model(device, batch: int = 8, steps: int = 20, guidance: float = 3.0) -> LoopModel:
-    """The embedded digits model (or, until its weights ship, the same U-Net with random
-    weights: timing does not depend on weights), class-conditional with CFG as `fastdiff sample`."""
-    from .models.pretrained import load_pretrained, weights_path
-    from .models.unet import UNet, UNetConfig
+    """The embedded digits model, class-conditional with CFG as `fastdiff sample`."""
+    from .models.pretrained import load_pretrained
 
     device = torch.device(device)
-    if weights_path("digits").exists():
-        loaded = load_pretrained("digits", device=device)
-        model, schedule, meta, note = loaded.model, loaded.schedule, loaded.metadata, "pretrained weights"
-    else:
-        from .schedules import Schedule
-        from .train import TrainConfig
-
-        c = TrainConfig()
-        model = UNet(UNetConfig(image_size=c.image_size, base_channels=c.base_channels,
-                                channel_mults=c.channel_mults, num_res_blocks=c.num_res_blocks,
-                                attention_resolutions=c.attention_resolutions, num_classes=10))
-        model = model.to(device).eval().requires_grad_(False)
-        schedule = Schedule.linear()
-        meta = {"image_shape": [1, c.image_size, c.image_size], "num_classes": 10, "null_class": 10,
-                "schedule": {"name": "linear", "beta_start": 1e-4, "beta_end": 0.02}}
-        note = "stand-in: the digits U-Net with random weights (weights not shipped yet)"
+    loaded = load_pretrained("digits", device=device)
+    model, schedule, meta, note = loaded.model, loaded.schedule, loaded.metadata, "pretrained weights"
     spec = meta.get("schedule", {})
     betas = ({"beta_schedule": "squaredcos_cap_v2"} if spec.get("name") == "cosine" else
              {"beta_schedule": "linear", "beta_start": spec.get("beta_start", 1e-4),
@@ -294,7 +275,7 @@ def with_compiled_model_in_diffusers_loop(lm: LoopModel) -> LoopModel:
     """The case whose diffusers-style loop calls compile_model(model) the way fastdiff calls a
     model (x, t [B] float, **kwargs): against Sampler(compile=True), the two loops then differ
     only in the sampler."""
-    from .graph import compile_model
+    from .runners import compile_model
 
     compiled, kwargs = compile_model(lm.model), lm.model_kwargs()
     return dataclasses.replace(lm, diffusers_call=lambda x, t: compiled(x, t.expand(x.shape[0]).float(), **kwargs))
@@ -314,12 +295,6 @@ def fastdiff_loop(lm: LoopModel, device, **options):
                               guidance_scale=lm.guidance_scale if lm.cfg else None)
 
     return sampler, run
-
-
-def graph_timings(sampler) -> dict:
-    """One-time costs of the sampler's most recent captured graph: warmup_s, capture_s."""
-    runners = list(getattr(sampler, "_runners", {}).values())  # the Sampler exposes no public handle yet
-    return dict(getattr(runners[-1], "timings", {})) if runners else {}
 
 
 def diffusers_loop(lm: LoopModel, device) -> Callable[[], torch.Tensor]:
@@ -349,7 +324,7 @@ def model_alone(lm: LoopModel, device, graph: bool = False,
                 compile: bool = False) -> tuple[Callable[[], object], int]:
     """(run, model calls per run): one eager call on the loop's batch; or, with graph=True,
     all `steps` calls replayed from one CUDA graph (the limit for a whole loop). compile=True
-    calls the model as Sampler(compile=True) does (fastdiff.graph.compile_model): the limit of
+    calls the model as Sampler(compile=True) does (fastdiff.runners.compile_model): the limit of
     a compiled loop; the first call (on CUDA the warm-up before capture) compiles."""
     device = torch.device(device)
     x = torch.randn((lm.model_batch, *lm.sample_shape), device=device).to(lm.dtype)
@@ -357,21 +332,17 @@ def model_alone(lm: LoopModel, device, graph: bool = False,
     kwargs = lm.model_kwargs()
     model = lm.model
     if compile:
-        from .graph import compile_model
+        from .runners import compile_model
 
         model = compile_model(model)
     if not graph:
         return torch.no_grad()(lambda: model(x, t, **kwargs)), 1
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), torch.no_grad():
-        for _ in range(3):
+    @torch.no_grad()
+    def calls(n):
+        for _ in range(n):
             model(x, t, **kwargs)
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g), torch.no_grad():
-        for _ in range(lm.steps):
-            model(x, t, **kwargs)
+
+    g, _ = capture_graph(lambda: calls(lm.steps), warmup=lambda: calls(3))
 
     def run():  # holds x, t, kwargs and g: the captured buffers must outlive the graph
         g.replay()

@@ -11,7 +11,9 @@ import torch
 
 from . import rng
 from .guidance import Thresholding, apply_threshold, cfg_combine, dynamic_threshold, per_sample, rescale_factor
-from .solvers.table import MODEL_DTYPES, NCOL, STREAM_STEP, Z, StepTable, history_slots
+from .dtypes import MODEL_DTYPES
+from .rng import STREAM_STEP
+from .solvers.table import NCOL, Z, StepTable, history_slots
 
 BACKENDS = ("auto", "torch", "triton")
 

@@ -12,6 +12,7 @@ kernel takes their results as per-sample multipliers.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -78,3 +79,15 @@ def classifier_grad(classifier, x_in: torch.Tensor, t: torch.Tensor, kwargs: dic
             raise ValueError(f"classifier must return log p(y|x_t) of shape [{x.shape[0]}], got {tuple(logp.shape)}")
         (grad,) = torch.autograd.grad(logp.sum(), x)
     return grad
+
+
+def classifier_guided(out: torch.Tensor, classifier, scale: float, x_in: torch.Tensor, t: torch.Tensor,
+                      kwargs: dict, abar: float, d_out: float) -> torch.Tensor:
+    """The model output shifted so that D += s sigma^2/alpha grad log p(y|x_t) (d_out: D per unit
+    of output at this row). x_in, t, kwargs: the conditional half; out: [B] or [uncond; cond]."""
+    alpha, sigma = math.sqrt(abar), math.sqrt(max(1.0 - abar, 0.0))
+    grad = classifier_grad(classifier, x_in, t, kwargs)
+    shift = scale * sigma * sigma / alpha * grad / d_out
+    if out.shape[0] == 2 * x_in.shape[0]:
+        shift = torch.cat([shift, shift])  # guidance weights sum to one: shifts the result
+    return (out.float() + shift).to(out.dtype)

@@ -12,16 +12,18 @@ from __future__ import annotations
 import torch
 
 from . import rng
-from .guidance import classifier_grad
+from .guidance import classifier_guided
+from .models.adapters import plain_output
+from .rng import STREAM_CORRECTOR
+from .solvers import langevin
 from .solvers.base import vp_levels
-from .solvers.langevin import step_size
-from .solvers.table import STREAM_CORRECTOR, StepTable
+from .solvers.table import StepTable
 
 
 class LoopBuffers:
     """x [B, *S] f32 state; point (separate-point solvers); history ring; model_in [G*B, *S]."""
 
-    def __init__(self, table: StepTable, batch: int, sample_shape, model_dtype, device, cfg: bool, cond_keys=()):
+    def __init__(self, table: StepTable, batch: int, sample_shape, model_dtype, device, cfg: bool):
         f32 = dict(dtype=torch.float32, device=device)
         shape = (batch, *sample_shape)
         self.batch, self.cfg = batch, cfg
@@ -70,16 +72,6 @@ def nonfinite_probe(out: torch.Tensor) -> torch.Tensor:
     return out.sum(dtype=torch.float64)
 
 
-def model_output(model, x_in, t, kwargs):
-    """Call `model(x, t, **kwargs)`; unwrap diffusers-style outputs (`.sample` or a tuple)."""
-    out = model(x_in, t, **kwargs)
-    if hasattr(out, "sample"):
-        out = out.sample
-    elif isinstance(out, (tuple, list)):
-        out = out[0]
-    return out
-
-
 class Loop:
     """Runs a table's rows: model call, non-finite bookkeeping, executor step, corrector."""
 
@@ -96,27 +88,17 @@ class Loop:
 
     def call_model(self, r: int) -> torch.Tensor:
         b = self.bufs
-        out = model_output(self.model, b.model_in, b.t[r], b.cond)
+        out = plain_output(self.model(b.model_in, b.t[r], **b.cond))
         if self.classifier is not None:
-            out = self._classifier_guided(r, out)
+            B = b.batch
+            out = classifier_guided(out, self.classifier, self.classifier_scale, b.model_in[:B], b.t[r][:B],
+                                    {k: v[-B:] for k, v in b.cond.items()},  # the conditional half
+                                    self.abar[r], self.executor.d_out[r])
         b.out_sums[r].add_(nonfinite_probe(out))
         return out
 
-    def _classifier_guided(self, r: int, out: torch.Tensor) -> torch.Tensor:
-        """D += s sigma^2/alpha grad log p(y|x_t), expressed as a shift of the model output."""
-        b = self.bufs
-        alpha, sigma, _ = vp_levels(self.abar[r])
-        x_in = b.model_in[: b.batch]
-        kwargs = {k: v[-b.batch:] for k, v in b.cond.items()}  # the conditional half
-        grad = classifier_grad(self.classifier, x_in, b.t[r][: b.batch], kwargs)
-        shift = self.classifier_scale * sigma * sigma / alpha * grad / self.executor.d_out[r]
-        if b.cfg:
-            shift = torch.cat([shift, shift])  # guidance weights sum to one: shifts the result
-        return (out.float() + shift).to(out.dtype)
-
-    def run(self, rows=None, progress=None) -> None:
-        rows = range(self.table.rows) if rows is None else rows
-        for r in rows:
+    def run(self, progress=None) -> None:
+        for r in range(self.table.rows):
             self.executor.step(r, self.call_model(r))
             if self.corrector is not None and self.corrector[r]:
                 self.correct(r)
@@ -132,14 +114,12 @@ class Loop:
         target = b.point if b.point is not None else b.x
         M = self.corrector[r]
         for j in range(M):
-            out = model_output(self.model, b.model_in, b.t[n], b.cond)
+            out = plain_output(self.model(b.model_in, b.t[n], **b.cond))
             b.out_sums[n].add_(nonfinite_probe(out))  # n < rows: no corrector after the last row
             D, _ = ex.denoised(n, target, out)
-            x_vp = to_vp * target
-            score = (alpha * D - x_vp) / (sigma * sigma)
             z = rng.randn(b.seeds, r * M + j, STREAM_CORRECTOR, target.shape[1:], device=target.device)
-            eps = step_size(z, score, table.corrector_snr, float(table.corrector_alpha[r]))
-            target.copy_((x_vp + eps * score + (2 * eps).sqrt() * z) / to_vp)
+            target.copy_(langevin.update(target, D, z, alpha, sigma, table.corrector_snr,
+                                         float(table.corrector_alpha[r]), to_vp))
             if b.point is not None and self.point_is_state[r]:
                 b.x.copy_(target)
             b.write_model_input(ex.c_in[n] * target)

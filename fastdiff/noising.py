@@ -7,7 +7,7 @@ from . import rng
 from .executors import resolve_backend
 from .seeds import as_seeds
 from .schedules import Schedule
-from .solvers.table import STREAM_FORWARD
+from .rng import STREAM_FORWARD
 
 
 def _abar_per_sample(t, schedule: Schedule, batch: int) -> torch.Tensor:

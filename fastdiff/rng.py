@@ -22,6 +22,12 @@ import torch
 
 from .seeds import as_seeds
 
+# Noise streams: each is an independent sequence for the same (seed, step).
+STREAM_INIT = 0  # the initial x_T
+STREAM_STEP = 1  # a solver's per-step noise (ancestral, SDE)
+STREAM_CORRECTOR = 2  # the Langevin corrector
+STREAM_FORWARD = 3  # forward noising q(x_t | x_0) (img2img, training)
+
 MASK32 = 0xFFFFFFFF
 PHILOX_KEY_A = 0x9E3779B9
 PHILOX_KEY_B = 0xBB67AE85

@@ -9,27 +9,51 @@ data units. A sample's result depends only on its seed, never on the batch aroun
 """
 from __future__ import annotations
 
+import inspect
 import math
+import warnings
 from collections import OrderedDict
 
 import torch
 
-from . import rng
+from . import rng, runners
 from .devices import on_device
 from .executors import EXECUTORS, resolve_backend
 from .grids import SIGMA_GRIDS, SPACINGS, make_grid
 from .guidance import Thresholding
 from .loop import Loop, LoopBuffers
 from .noising import noise_to_level
+from .rng import STREAM_INIT
 from .schedules import Schedule
 from .seeds import as_seeds
-from .solvers import STRIDE_PREV, build_table, check_solver, langevin
+from .solvers import STRIDE_PREV, build_table, check_solver, langevin, solver_options
 from .solvers.base import check_prediction
 from .solvers.ddpm import VARIANCES
-from .solvers.table import STREAM_INIT, StepTable
+from .solvers.table import StepTable
 
 CORRECTORS = (None, "langevin")
 GRAPH_MODES = ("auto", True, False)
+# Every solver but DDIM steps from the clipped D, which is what use_clipped_model_output=True asks
+# of DDIM; Pretrained.sampler_options() asks it whatever the solver until its callers pass theirs.
+_CLIPPED_OUTPUT_ALWAYS = ("use_clipped_model_output", True)
+
+
+def _default(name: str):
+    """The default of the Sampler keyword `name` (one source: the signature)."""
+    return inspect.signature(Sampler.__init__).parameters[name].default
+
+
+def _solver_options(solver: str, spacing: str, given: dict) -> dict:
+    """The keywords for `solver`'s table builder; a non-default option it does not use is an error."""
+    takes = solver_options(solver)
+    for name, value in given.items():
+        if name not in takes and value != _default(name) and (name, value) != _CLIPPED_OUTPUT_ALWAYS:
+            raise ValueError(f"{name}={value!r} is not an option of solver {solver!r}; "
+                             f"its options: {', '.join(takes)}")
+    options = {k: v for k, v in given.items() if k in takes}
+    if "spacing" in takes:  # the grid's spacing, which the Euler family's initial sigma depends on
+        options["spacing"] = spacing
+    return options
 
 
 def _model_dtype_device(model):
@@ -41,7 +65,12 @@ def _model_dtype_device(model):
 
 
 class Sampler:
-    """Sample a diffusion model with any solver; see the module docstring."""
+    """Sample a diffusion model with any solver; see the module docstring.
+
+    Sampler.from_diffusers(scheduler_or_config, model, steps, **overrides), a Sampler
+    equivalent to a diffusers scheduler, is attached by fastdiff.integrations.diffusers
+    (imported with the package): the sampling layer does not import the integrations above it.
+    """
 
     def __init__(self, model, schedule: Schedule, solver: str = "dpmpp_2m", steps: int = 20,
                  prediction: str = "epsilon", spacing: str = "trailing", eta: float = 0.0,
@@ -95,10 +124,13 @@ class Sampler:
                               steps_offset=steps_offset, sigmas=sigmas, rho=rho, final_abar=final_alpha_cumprod,
                               stride_prev=solver in STRIDE_PREV and sigmas is None, timesteps=timesteps)
         self.steps = self.grid.steps
-        self._options = dict(eta=eta, variance=variance, solver_order=solver_order,
-                             lower_order_final=lower_order_final, spacing=spacing,
-                             use_clipped_model_output=use_clipped_model_output)
-        self._corrector = (corrector_steps, snr) if corrector == "langevin" else None
+        self._options = _solver_options(solver, spacing, dict(
+            eta=eta, variance=variance, solver_order=solver_order, lower_order_final=lower_order_final,
+            use_clipped_model_output=use_clipped_model_output))
+        if corrector is None and (corrector_steps, snr) != (_default("corrector_steps"), _default("snr")):
+            raise ValueError(f"corrector_steps={corrector_steps!r} and snr={snr!r} set the corrector; "
+                             "they need corrector='langevin'")
+        self.corrector = langevin.Corrector(corrector_steps, snr) if corrector == "langevin" else None
         self.table = self._table(0)
         mdtype, mdevice = _model_dtype_device(model)
         self.device = torch.device(device) if device is not None else (mdevice or torch.device("cpu"))
@@ -108,15 +140,16 @@ class Sampler:
         if graph is True and self.device.type != "cuda":
             raise ValueError("graph=True needs a CUDA device; use graph='auto' (eager on the CPU) or graph=False")
         self._runners: OrderedDict = OrderedDict()
+        self._newest = None  # the most recently created runner (see `timings`)
+        self._capture_failure: str | None = None  # why graph="auto" fell back to eager, if it did
         self._tables: dict[int, StepTable] = {0: self.table}
         self._compiled_model = None
 
     # ---- what the sampler will do ---------------------------------------------------
     def _table(self, start: int) -> StepTable:
         table = build_table(self.solver, self.grid[start:], self.prediction, **self._options)
-        if self._corrector is not None:
-            steps, snr = self._corrector
-            table = langevin.attach(table, self.schedule, steps=steps, snr=snr)
+        if self.corrector is not None:
+            table = langevin.attach(table, self.schedule, self.corrector)
         return table
 
     @property
@@ -235,9 +268,7 @@ class Sampler:
     # ---- runners: static buffers, an executor, and (on CUDA) a captured graph -------
     def _model(self):
         if self.compile and self._compiled_model is None:
-            from .graph import compile_model
-
-            self._compiled_model = compile_model(self.model)
+            self._compiled_model = runners.compile_model(self.model)
         return self.model if self._compiled_model is None else self._compiled_model  # no truth test: an
         # OptimizedModule forwards len() to the model, which raises for most nn.Modules
 
@@ -252,16 +283,28 @@ class Sampler:
                     classifier_scale=self.classifier_scale)
         use_graph = self.graph_mode is True or (self.graph_mode == "auto" and self.device.type == "cuda"
                                                 and self.classifier is None)
+        use_graph = use_graph and self._capture_failure is None  # graph="auto" stays eager after one failure
         if use_graph:
-            from .graph import GraphRunner
-
-            runner = GraphRunner(loop, table)
+            runner = runners.GraphRunner(loop, table, None if self.graph_mode is True else self._capture_failed)
         else:
-            runner = EagerRunner(loop, table)
+            runner = runners.EagerRunner(loop, table)
         self._runners[key] = runner
+        self._newest = runner
         while len(self._runners) > self.max_graphs:
             self._runners.popitem(last=False)[1].release()
         return runner
+
+    def _capture_failed(self, error: Exception) -> None:
+        self._capture_failure = f"{type(error).__name__}: {error}"
+        warnings.warn(f"graph='auto': the sampling loop could not be captured as a CUDA graph "
+                      f"({self._capture_failure.splitlines()[0]}); running it eagerly (graph=False "
+                      "skips the attempt; graph=True raises instead)", RuntimeWarning, stacklevel=4)
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """One-time costs in seconds of the most recently created runner, filled by its first
+        call: warmup_s and capture_s for a captured CUDA graph; empty for an eager loop."""
+        return dict(self._newest.timings) if self._newest is not None else {}
 
     def clear_graphs(self) -> None:
         """Release every cached runner (captured graphs and their static buffers)."""
@@ -274,42 +317,6 @@ class Sampler:
     @property
     def num_cached_graphs(self) -> int:
         return sum(1 for r in self._runners.values() if getattr(r, "graph", None) is not None)
-
-    # ---- interop ----------------------------------------------------------------------
-    @classmethod
-    def from_diffusers(cls, scheduler_or_config, model, steps: int, **overrides) -> "Sampler":
-        """A Sampler equivalent to a diffusers scheduler (see fastdiff.integrations.diffusers)."""
-        from .integrations.diffusers import sampler_from_diffusers
-
-        return sampler_from_diffusers(scheduler_or_config, model, steps=steps, **overrides)
-
-
-class EagerRunner:
-    """Runs the static-buffer loop without capture (CPU, or graph=False)."""
-
-    graph = None
-
-    def __init__(self, loop: Loop, table: StepTable):
-        self.loop, self.table = loop, table
-
-    def run(self, x0, seeds, cfg_w, kwargs, progress=False):
-        bufs = self.loop.bufs
-        bufs.load(x0, seeds, cfg_w, kwargs, float(self.table.c_in[0]))
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=self.table.rows, desc="sampling", unit="step", leave=False)
-        try:
-            self.loop.run(progress=bar)
-        finally:
-            if bar is not None:
-                bar.close()
-        self.loop.raise_if_nonfinite()
-        return bufs.x.clone()
-
-    def release(self) -> None:
-        pass
 
 
 def _batched_kwargs(cond, uncond, cfg, B, device) -> dict:

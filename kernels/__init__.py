@@ -3,13 +3,11 @@
     affine_step      one row of a solver's coefficient table, fused (affine_step.py)
     forward_noise    q(x_t | x_0) with in-kernel noise (forward_noise.py)
     schedule_tables  alphas_cumprod, SNRs and DDPM posterior tables on the device (schedule_tables.py)
-    solver_table     a solver's coefficient table for a grid on the device, fp64 (solver_tables.py)
 
 philox.py holds the in-kernel normal draw, bit-compatible with fastdiff.rng.
 """
 from .affine_step import affine_step
 from .forward_noise import forward_noise
 from .schedule_tables import schedule_tables
-from .solver_tables import solver_table
 
-__all__ = ["affine_step", "forward_noise", "schedule_tables", "solver_table"]
+__all__ = ["affine_step", "forward_noise", "schedule_tables"]

@@ -4,7 +4,7 @@ Per sample b and element e, with the row r = [d_point, d_out, c_in_next, state[7
 
     o      = out[b]                       or  u + w_b * (c - u),  (u, c) = (out[b], out[B+b])
     o      = o * out_scale[b]                                       (rescaled-CFG pre-pass)
-    D_raw  = d_point * P + d_out * o       P = point if given (and prediction_from_point) else x
+    D_raw  = d_point * P + d_out * o       P = point if given else x
     D      = clamp(D_raw, -clip, clip)     or  clamp(D_raw, -s_b, s_b) / s_b   (thresh s_b)
     V      = [x, D, D_raw, H0, H1, H2, z]  z ~ N(0, 1) keyed (seeds[b], r, STREAM_STEP, e)
     x      <- state . V
@@ -19,8 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
+from fastdiff.columns import MAX_HISTORY, NCOL
 from fastdiff.devices import on_device
-from fastdiff.solvers.table import MAX_HISTORY, MODEL_DTYPES, NCOL, STREAM_STEP
+from fastdiff.dtypes import MODEL_DTYPES
+from fastdiff.rng import STREAM_STEP
 
 from .philox import normal_block
 
@@ -35,7 +37,7 @@ _P = tl.constexpr(3 + NCOL)  # point[j] at _P + j
 def _affine_step_kernel(
     coef_ptr, row, x_ptr, point_ptr, out_ptr, h0_ptr, h1_ptr, h2_ptr, push_ptr, model_in_ptr,
     cfg_w_ptr, seed_ptr, thresh_ptr, out_scale_ptr, clip, B, N,
-    HAS_POINT: tl.constexpr, PRED_FROM_POINT: tl.constexpr, CFG: tl.constexpr,
+    HAS_POINT: tl.constexpr, CFG: tl.constexpr,
     K: tl.constexpr, PUSH: tl.constexpr, NOISE: tl.constexpr, CLIP: tl.constexpr,
     THRESH: tl.constexpr, OUT_SCALE: tl.constexpr, WRITE_MODEL_IN: tl.constexpr,
     MODEL_IN_CFG: tl.constexpr, STREAM: tl.constexpr, BLOCK: tl.constexpr,
@@ -55,7 +57,6 @@ def _affine_step_kernel(
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     if HAS_POINT:
         p = tl.load(point_ptr + offs, mask=mask, other=0.0)
-    if HAS_POINT and PRED_FROM_POINT:
         p_in = p
     else:
         p_in = x
@@ -146,7 +147,6 @@ def affine_step(
     clip: float | None = None,
     thresh: torch.Tensor | None = None,
     out_scale: torch.Tensor | None = None,
-    prediction_from_point: bool = True,
     noise: bool = True,
 ) -> None:
     """Execute row `row` of a coefficient table in place (see the module docstring).
@@ -206,7 +206,7 @@ def affine_step(
             push_dest if push_dest is not None else x, model_in if model_in is not None else x,
             cfg_w if cfg_w is not None else x, seeds, thresh if thresh is not None else x,
             out_scale if out_scale is not None else x, float(clip) if clip is not None else 0.0, B, N,
-            HAS_POINT=point is not None, PRED_FROM_POINT=bool(prediction_from_point), CFG=cfg,
+            HAS_POINT=point is not None, CFG=cfg,
             K=len(history), PUSH=push_dest is not None, NOISE=bool(noise), CLIP=clip is not None,
             THRESH=thresh is not None, OUT_SCALE=out_scale is not None,
             WRITE_MODEL_IN=model_in is not None,

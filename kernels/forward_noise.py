@@ -11,7 +11,8 @@ import triton
 import triton.language as tl
 
 from fastdiff.devices import on_device
-from fastdiff.solvers.table import MODEL_DTYPES, STREAM_FORWARD
+from fastdiff.dtypes import MODEL_DTYPES
+from fastdiff.rng import STREAM_FORWARD
 
 from .philox import normal_block
 

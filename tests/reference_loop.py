@@ -3,7 +3,8 @@ any dtype (float64 gives the reference the fast paths are measured against)."""
 import torch
 
 from fastdiff import rng
-from fastdiff.solvers.table import STREAM_INIT, STREAM_STEP, history_slots
+from fastdiff.rng import STREAM_INIT, STREAM_STEP
+from fastdiff.solvers.table import history_slots
 
 
 def plain_loop(model, table, seeds, shape, cond=None, uncond=None, w=None, dtype=torch.float32):

@@ -87,9 +87,9 @@ def test_bench_quick_prints_the_table(capsys, tmp_path):
 
 
 def test_bench_compile_adds_a_row_over_the_compiled_model(capsys, monkeypatch):
-    """--compile: one more digits row, whose sampler and limit both call graph.compile_model
+    """--compile: one more digits row, whose sampler and limit both call runners.compile_model
     (replaced here by a recorder: real compilation is tested in test_graph.py)."""
-    import fastdiff.graph
+    import fastdiff.runners
 
     compiled = []
 
@@ -97,7 +97,7 @@ def test_bench_compile_adds_a_row_over_the_compiled_model(capsys, monkeypatch):
         compiled.append(model)
         return model
 
-    monkeypatch.setattr(fastdiff.graph, "compile_model", record)
+    monkeypatch.setattr(fastdiff.runners, "compile_model", record)
     assert cli.main(["bench", "--quick", "--rounds", "1", "--compile"]) == 0
     text = capsys.readouterr().out
     assert "dpmpp_2m compile" in text and "limit = compiled model alone x 3" in text

@@ -15,7 +15,7 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 from fastdiff import Sampler, rng  # noqa: E402
-from fastdiff.solvers.table import STREAM_STEP  # noqa: E402
+from fastdiff.rng import STREAM_STEP  # noqa: E402
 from gaussian_model import GaussianDenoiser  # noqa: E402
 
 # diffusers' own deprecation noise (numpy __array__ copy=, deprecated algorithm types)

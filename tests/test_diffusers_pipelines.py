@@ -19,7 +19,7 @@ from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 
 from fastdiff import rng  # noqa: E402
 from fastdiff.integrations.diffusers import accelerate, seeds_from_generator  # noqa: E402
-from fastdiff.solvers.table import STREAM_STEP  # noqa: E402
+from fastdiff.rng import STREAM_STEP  # noqa: E402
 
 # diffusers' own deprecation noise (numpy __array__ copy=, deprecated algorithm types)
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:diffusers.*",

@@ -1,13 +1,25 @@
 """The captured loop: static buffers and baked constants equal a plain loop; on CUDA, one graph."""
+import warnings
+
 import pytest
 import torch
 
-from fastdiff import Sampler, Schedule
+from fastdiff import SOLVERS, Sampler, Schedule, rng, runners
 from gaussian_model import GaussianDenoiser
 from reference_loop import plain_loop
 
 SCHEDULE = Schedule.linear()
-SOLVERS = ["ddpm", "ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc"]
+
+
+class Transformed(torch.nn.Module):
+    """The Gaussian denoiser with `transform(out, t)` applied to its output."""
+
+    def __init__(self, transform):
+        super().__init__()
+        self.inner, self.transform = GaussianDenoiser(SCHEDULE), transform
+
+    def forward(self, x, t):
+        return self.transform(self.inner(x, t), t)
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
@@ -117,16 +129,8 @@ def test_graph_cache_bound_holds_on_cuda():
 
 @pytest.mark.cuda
 def test_nonfinite_check_inside_the_graph_reports_the_step():
-    class NaNLate(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = GaussianDenoiser(SCHEDULE)
-
-        def forward(self, x, t):
-            out = self.inner(x, t)
-            return torch.where(t.reshape(-1, 1) < 300, out * float("nan"), out)  # no host branch
-
-    sampler = Sampler(NaNLate().cuda(), SCHEDULE, steps=10, graph=True, device="cuda")
+    nan_late = Transformed(lambda out, t: torch.where(t.reshape(-1, 1) < 300, out * float("nan"), out))  # no host branch
+    sampler = Sampler(nan_late.cuda(), SCHEDULE, steps=10, graph=True, device="cuda")
     for _ in range(2):  # capture, then replay
         with pytest.raises(FloatingPointError, match="non-finite model output at step"):
             sampler.sample(shape=(2, 8), seeds=[0, 1])
@@ -155,3 +159,64 @@ def test_compile_model_copies_only_what_it_must(monkeypatch):
     with pytest.warns(UserWarning, match="could not be copied \\(RuntimeError: hooked\\)"):
         graph.compile_model(odd)
     assert compiled_from[-1] is odd
+
+
+def _failing_capture(calls):
+    """A capture_graph whose warm-up runs and whose capture then fails, as a host read does."""
+    def capture_graph(body, warmup=None, between=None):
+        calls.append(body)
+        (warmup or body)()
+        between()
+        raise RuntimeError("operation not permitted when stream is capturing")
+    return capture_graph
+
+
+def test_auto_falls_back_to_eager_when_capture_fails(monkeypatch):
+    """graph='auto': a failed capture warns once with the reason, and this call and every later
+    one give the eager loop's answer; graph=True's runner re-raises instead."""
+    model = GaussianDenoiser(SCHEDULE)
+    sampler = Sampler(model, SCHEDULE, solver="dpmpp_2m_sde", steps=4)  # CPU: an eager runner to borrow from
+    want = sampler.sample(shape=(2, 8), seeds=[3, 4])
+    eager = next(iter(sampler._runners.values()))
+    calls = []
+    monkeypatch.setattr(runners, "capture_graph", _failing_capture(calls))
+    runner = runners.GraphRunner(eager.loop, eager.table, on_capture_error=sampler._capture_failed)
+    seeds = torch.tensor([3, 4])
+    args = (sampler.init_noise_sigma * rng.randn(seeds, 0, rng.STREAM_INIT, (8,)), seeds, None, {})
+    with pytest.warns(RuntimeWarning, match=r"graph='auto'.*could not be captured.*\(RuntimeError: operation not "
+                                            r"permitted when stream is capturing\); running it eagerly"):
+        first = runner.run(*args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one warning only
+        second = runner.run(*args)
+    assert len(calls) == 1 and runner.graph is None and runner.timings == {}
+    torch.testing.assert_close(first, want, rtol=0, atol=0)
+    torch.testing.assert_close(second, want, rtol=0, atol=0)
+    strict = runners.GraphRunner(eager.loop, eager.table, on_capture_error=None)  # graph=True
+    with pytest.raises(RuntimeError, match="stream is capturing"):
+        strict.run(*args)
+
+
+@pytest.mark.cuda
+def test_auto_runs_a_host_reading_model_eagerly_on_cuda():
+    model = Transformed(lambda out, t: out * 0.5 if out.abs().max().item() > 1e6 else out).cuda()  # a host read
+    want = Sampler(model, SCHEDULE, steps=4, graph=False, device="cuda").sample(shape=(2, 8), seeds=[0, 1])
+    auto = Sampler(model, SCHEDULE, steps=4, device="cuda")
+    with pytest.warns(RuntimeWarning, match="could not be captured"):
+        got = auto.sample(shape=(2, 8), seeds=[0, 1])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = auto.sample(shape=(3, 8), seeds=[0, 1, 2])  # a new batch shape: eager without retrying
+    torch.testing.assert_close(again[:2], want, rtol=0, atol=0)
+    assert auto.num_cached_graphs == 0
+    with pytest.raises(RuntimeError):
+        Sampler(model, SCHEDULE, steps=4, graph=True, device="cuda").sample(shape=(2, 8), seeds=[0, 1])
+
+
+@pytest.mark.cuda
+def test_timings_report_the_newest_capture():
+    sampler = Sampler(GaussianDenoiser(SCHEDULE).cuda(), SCHEDULE, steps=4, device="cuda")
+    assert sampler.timings == {}
+    sampler.sample(shape=(2, 8), seeds=[0, 1])
+    assert set(sampler.timings) == {"warmup_s", "capture_s"} and all(v > 0 for v in sampler.timings.values())

@@ -4,7 +4,8 @@ import torch
 
 from fastdiff import rng
 from fastdiff.kernels import affine_step
-from fastdiff.solvers.table import NCOL, STREAM_STEP, Z
+from fastdiff.rng import STREAM_STEP
+from fastdiff.solvers.table import NCOL, Z
 
 ROW_WIDTH = 3 + 2 * NCOL
 SHAPES = [(1, 1, 1, 1), (3, 5, 7, 9), (2, 4, 33, 17)]
@@ -13,7 +14,7 @@ TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16:
 
 def reference_step(row, coef, x, out, *, point=None, history=(), push_dest=None, model_in=None,
                    cfg_w=None, seeds, clip=None, thresh=None, out_scale=None,
-                   prediction_from_point=True, noise=True):
+                   noise=True):
     """The contract in float64 torch; returns the expected buffers (name -> tensor)."""
     B, S = x.shape[0], x.shape[1:]
     per = lambda v: v.double().view(B, *([1] * len(S)))  # noqa: E731  [B] -> [B, 1, ...]
@@ -21,7 +22,7 @@ def reference_step(row, coef, x, out, *, point=None, history=(), push_dest=None,
     d_point, d_out, c_in, state, point_row = c[0], c[1], c[2], c[3:3 + NCOL], c[3 + NCOL:]
     xd = x.double()
     p = point.double() if point is not None else None
-    p_in = p if (p is not None and prediction_from_point) else xd
+    p_in = p if p is not None else xd
     o = out[:B].double()
     if out.shape[0] == 2 * B:
         o = o + per(cfg_w) * (out[B:].double() - o)
@@ -68,7 +69,7 @@ def _coef(rows=3, seed=0, device="cpu"):
 
 def run_case(device, shape, *, cfg=False, K=0, push=None, point=False, noise=True, clip=None,
              thresh=False, out_scale=False, model_in_dtype=None, out_dtype=torch.float32,
-             prediction_from_point=True, row=1, seed=0):
+             row=1, seed=0):
     """Build random inputs, run kernel and reference, compare every written buffer."""
     g = torch.Generator().manual_seed(seed)
     B, S = shape[0], shape[1:]
@@ -87,7 +88,6 @@ def run_case(device, shape, *, cfg=False, K=0, push=None, point=False, noise=Tru
         clip=clip,
         thresh=(1 + torch.rand(B, generator=g)) if thresh else None,
         out_scale=(0.5 + torch.rand(B, generator=g)) if out_scale else None,
-        prediction_from_point=prediction_from_point,
         noise=noise,
     )
     want = reference_step(row, coef, x, out, **args)
@@ -126,7 +126,6 @@ CONFIGS = {
     "hist3_alias_point_thresh": dict(K=3, push=2, point=True, thresh=True, model_in_dtype=torch.float32),
     "cfg_point_scale_nonoise": dict(cfg=True, point=True, out_scale=True, noise=False,
                                     model_in_dtype=torch.float32),
-    "point_pred_from_x": dict(point=True, prediction_from_point=False, K=1, push=0),
 }
 
 

@@ -4,7 +4,7 @@ import torch
 
 from fastdiff import rng
 from fastdiff.kernels import forward_noise
-from fastdiff.solvers.table import STREAM_FORWARD
+from fastdiff.rng import STREAM_FORWARD
 
 SHAPES = [(1, 1, 1, 1), (3, 5, 7, 9), (2, 4, 33, 17)]
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}

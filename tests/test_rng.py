@@ -5,7 +5,7 @@ import triton
 import triton.language as tl
 
 from fastdiff import rng
-from fastdiff.solvers.table import STREAM_CORRECTOR, STREAM_FORWARD, STREAM_INIT, STREAM_STEP
+from fastdiff.rng import STREAM_CORRECTOR, STREAM_FORWARD, STREAM_INIT, STREAM_STEP
 
 M32 = 0xFFFFFFFF
 

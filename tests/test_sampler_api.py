@@ -8,7 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastdiff
-from fastdiff import Sampler, Schedule
+from fastdiff import Sampler, Schedule, make_grid
+from fastdiff.solvers import build_table, solver_options
 from gaussian_model import GaussianDenoiser
 
 SCHEDULE = Schedule.linear(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02)
@@ -34,8 +35,7 @@ def test_the_documented_api_runs():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(solver="rk4"), "unknown solver 'rk4'; allowed: ddpm, ddim, euler, euler_ancestral, heun, dpmpp_2m, "
-                         "dpmpp_2m_sde, unipc"),
+    (dict(solver="rk4"), re.escape("unknown solver 'rk4'; allowed: " + ", ".join(fastdiff.SOLVERS))),
     (dict(prediction="score"), "unknown prediction 'score'; allowed: epsilon, sample, v_prediction"),
     (dict(spacing="middle"), "unknown spacing 'middle'; allowed: leading, trailing, linspace"),
     (dict(steps=0), r"steps must be an integer in \[1, num_train_timesteps=1000\]"),
@@ -46,6 +46,8 @@ def test_the_documented_api_runs():
     (dict(backend="cuda"), "unknown backend 'cuda'; allowed: auto, torch, triton"),
     (dict(graph=True), "graph=True needs a CUDA device"),
     (dict(corrector="ald"), "unknown corrector"),
+    (dict(snr=0.3), "snr=0.3 set the corrector; they need corrector='langevin'"),
+    (dict(corrector="langevin", corrector_steps=0), "corrector_steps must be a positive integer, got 0"),
     (dict(compile="max-autotune"), "compile must be True or False, got 'max-autotune'"),
 ])
 def test_constructor_errors_name_the_parameter_and_allowed_values(kwargs, match):
@@ -53,6 +55,27 @@ def test_constructor_errors_name_the_parameter_and_allowed_values(kwargs, match)
         pytest.skip("CUDA is present: graph=True is valid")
     with pytest.raises(ValueError, match=match):
         Sampler(model(), SCHEDULE, **kwargs)
+
+
+NON_DEFAULT = dict(eta=0.7, variance="fixed_large", solver_order=1, lower_order_final=False)
+
+
+@pytest.mark.parametrize("solver", fastdiff.SOLVERS)
+def test_an_option_the_solver_does_not_use_is_rejected_naming_both(solver):
+    takes = solver_options(solver)
+    for name, value in NON_DEFAULT.items():
+        if name in takes:
+            Sampler(model(), SCHEDULE, solver=solver, steps=4, **{name: value})  # its own option: accepted
+        else:
+            with pytest.raises(ValueError, match=f"{name}=.*solver {solver!r}"):
+                Sampler(model(), SCHEDULE, solver=solver, steps=4, **{name: value})
+
+
+def test_solver_options_are_the_builders_keywords():
+    assert solver_options("ddim") == ("eta", "use_clipped_model_output")
+    assert solver_options("dpmpp_2m") == ("solver_order", "lower_order_final")
+    with pytest.raises(ValueError, match="solver 'ddpm' does not use the option 'eta'"):
+        build_table("ddpm", make_grid(SCHEDULE, 4), "epsilon", eta=0.5)
 
 
 def test_unknown_schedule_name():
@@ -104,7 +127,7 @@ class OneValueAt:
         return out
 
 
-@pytest.mark.parametrize("solver", ["ddim", "heun", "unipc"])
+@pytest.mark.parametrize("solver", fastdiff.SOLVERS)
 def test_nonfinite_output_names_step_and_timestep(solver):
     sampler = Sampler(OneValueAt(3, float("nan"), everywhere=True), SCHEDULE, solver=solver, steps=10)
     t3 = sampler.timesteps[3].item()
@@ -162,7 +185,7 @@ class Guided:
         return u + self.w * (c - u)
 
 
-@pytest.mark.parametrize("solver", ["ddim", "euler", "dpmpp_2m", "heun", "euler_ancestral"])
+@pytest.mark.parametrize("solver", fastdiff.SOLVERS)
 def test_classifier_free_guidance_combines_the_two_halves(solver):
     w = 3.0
     labels = torch.tensor([0.0, 1.0, -1.0])
@@ -280,6 +303,15 @@ def test_property_any_arguments_give_a_sample_or_a_clear_error(solver, predictio
         x = sampler.sample(shape=(batch, 2), seeds=list(range(seeds_len)), guidance_scale=guidance,
                            cond={"class_labels": labels}, uncond={"class_labels": labels - 1} if with_uncond else None)
     except ValueError as e:
-        assert str(e) and len(str(e)) < 300
+        # the error names a parameter this draw got wrong (an independent list of what is wrong)
+        wrong = {"solver"} if solver == "bogus" else set()
+        wrong |= {"prediction"} if prediction == "x0" else set()
+        wrong |= {"spacing"} if spacing == "log" else set()
+        wrong |= {"steps"} if not 1 <= steps <= 1000 else set()
+        wrong |= {"eta"} if eta < 0 or (eta != 0 and solver != "ddim") or eta > 1 else set()
+        wrong |= {"seeds"} if seeds_len != batch else set()
+        wrong |= {"guidance_scale", "uncond"} if (guidance is None) == with_uncond or guidance != guidance else set()
+        named = {p for p in wrong if p in str(e)}
+        assert named and len(str(e)) < 300, (str(e), wrong)
         return
     assert x.shape == (batch, 2) and bool(torch.isfinite(x).all())

@@ -101,7 +101,7 @@ def test_karras_grid_and_stride_quirk():
     g = make_grid(s, 10, sigmas="karras")
     torch.testing.assert_close(g.sigma, karras_sigmas(s.sigma_min, s.sigma_max, 10), rtol=1e-9, atol=1e-12)
     assert g.abar_to[-1].item() == 1.0
-    # DESIGN.md: DDIM under trailing spacing steps 999 -> 987 but 987 -> 975 while 974 is listed next
+    # diffusers' DDIM under trailing spacing steps 999 -> 987 but 987 -> 975 while 974 is listed next
     g = make_grid(s, 80, spacing="trailing", stride_prev=True)
     assert g.t[0].item() == 999 and g.t[1].item() == 987 and g.t[2].item() == 974
     assert g.abar_to[1].item() == s.alphas_cumprod[975].item()

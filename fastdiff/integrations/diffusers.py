@@ -28,6 +28,7 @@ import torch
 
 from ..sampler import Sampler
 from ..schedules import Schedule
+from ..solvers.dpmpp import final_step_first_order
 
 # Sampler options that do not change what a scheduler computes; they pass through.
 RUNTIME_OPTIONS = ("guidance_scale", "guidance_rescale", "classifier", "classifier_scale", "corrector",
@@ -40,6 +41,11 @@ GRID_FIELDS = ("timestep_spacing", "steps_offset", "use_karras_sigmas", "use_exp
                "use_lu_lambdas")
 SCHEDULE_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
                    "rescale_betas_zero_snr")
+
+
+def _from_diffusers(cls, scheduler_or_config, model, steps: int, **overrides) -> Sampler:
+    """A Sampler equivalent to a diffusers scheduler (see fastdiff.integrations.diffusers)."""
+    return sampler_from_diffusers(scheduler_or_config, model, steps=steps, **overrides)
 
 
 def sampler_from_diffusers(scheduler_or_config, model, steps: int, **overrides) -> Sampler:
@@ -214,7 +220,7 @@ def _dpm(s, c, N, step_kw, schedule):
         _unsupported(s, "variance_type", c.variance_type)
     if c.use_flow_sigmas or c.prediction_type == "flow_prediction":
         _unsupported(s, "use_flow_sigmas", c.use_flow_sigmas, "flow matching is not a variance-preserving schedule")
-    last_first_order = c.final_sigmas_type == "zero" or (c.lower_order_final and N < 15) or c.solver_order == 1
+    last_first_order = c.final_sigmas_type == "zero" or final_step_first_order(N, c.lower_order_final) or c.solver_order == 1
     if c.euler_at_final and not last_first_order:
         _unsupported(s, "euler_at_final", True)
     return dict(solver=solvers[c.algorithm_type], prediction=c.prediction_type, solver_order=c.solver_order,
@@ -451,3 +457,6 @@ class AcceleratedPipeline:
         if not return_dict:
             return image, nsfw
         return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=nsfw)
+
+
+Sampler.from_diffusers = classmethod(_from_diffusers)  # public; the sampler layer cannot import this one

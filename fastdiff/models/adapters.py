@@ -84,10 +84,9 @@ class DiffusersUNet(nn.Module):
 
 
 def is_diffusers_unet(model) -> bool:
-    if "diffusers" not in sys.modules:  # a diffusers model implies diffusers is imported
+    diffusers = sys.modules.get("diffusers")  # a diffusers model implies diffusers is imported
+    if diffusers is None:
         return False
-    import diffusers
-
     classes = tuple(getattr(diffusers, name) for name in DIFFUSERS_UNETS if hasattr(diffusers, name))
     return isinstance(model, classes)
 

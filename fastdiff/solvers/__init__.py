@@ -12,6 +12,8 @@
 """
 from __future__ import annotations
 
+import inspect
+
 from ..grids import Grid
 from . import ddim, ddpm, dpmpp, euler, unipc
 from .base import check_prediction
@@ -28,7 +30,6 @@ BUILDERS = {
     "unipc": unipc.build,
 }
 SOLVERS = tuple(BUILDERS)
-STOCHASTIC = ("ddpm", "euler_ancestral", "dpmpp_2m_sde")  # ddim too when eta > 0
 # diffusers' DDIM steps to t - T//N rather than to the next listed timestep (its DDPM does not)
 STRIDE_PREV = ("ddim",)
 
@@ -39,11 +40,21 @@ def check_solver(solver: str) -> str:
     return solver
 
 
+def solver_options(solver: str) -> tuple[str, ...]:
+    """The options `solver` takes: its table builder's keyword-only parameters."""
+    params = inspect.signature(BUILDERS[check_solver(solver)]).parameters.values()
+    return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY)
+
+
 def build_table(solver: str, grid: Grid, prediction: str, **options) -> StepTable:
     """Compile `solver` on `grid` into a StepTable (float64)."""
-    check_solver(solver)
+    takes = solver_options(solver)
+    for name in options:
+        if name not in takes:
+            raise ValueError(f"solver {solver!r} does not use the option {name!r}; "
+                             f"its options: {', '.join(takes) or 'none'}")
     check_prediction(prediction)
     return BUILDERS[solver](grid, prediction, **options).build()
 
 
-__all__ = ["BUILDERS", "SOLVERS", "STOCHASTIC", "STRIDE_PREV", "StepTable", "build_table", "check_solver"]
+__all__ = ["BUILDERS", "SOLVERS", "STRIDE_PREV", "StepTable", "build_table", "check_solver", "solver_options"]

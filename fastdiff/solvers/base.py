@@ -84,7 +84,7 @@ class TableBuilder:
         self.rows.append((t, sigma_ve, c_in, d_point, d_out, state, point if point is not None else state, push,
                           ends_step))
 
-    def build(self, **meta) -> StepTable:
+    def build(self) -> StepTable:
         if not self.rows:
             raise AssertionError("a table needs at least one row")
         assert 0 <= self.history_len <= MAX_HISTORY
@@ -95,7 +95,7 @@ class TableBuilder:
             d_out=f(4), state=torch.tensor(col[5], dtype=F64),
             point=torch.tensor(col[6], dtype=F64) if self.separate_point else None,
             push=torch.tensor(col[7], dtype=torch.bool), init_noise_sigma=float(self.init_noise_sigma),
-            history_len=self.history_len, ends_step=torch.tensor(col[8], dtype=torch.bool), meta=dict(meta),
+            history_len=self.history_len, ends_step=torch.tensor(col[8], dtype=torch.bool),
         )
 
 

@@ -25,8 +25,8 @@ def coefficients(abar_t: float, abar_prev: float, eta: float) -> tuple[float, fl
     return std, math.sqrt(max(rem, 0.0)), math.sqrt(abar_prev)
 
 
-def build(grid: Grid, prediction: str, *, eta: float = 0.0, use_clipped_model_output: bool = False,
-          **_) -> TableBuilder:
+def build(grid: Grid, prediction: str, *, eta: float = 0.0,
+          use_clipped_model_output: bool = False) -> TableBuilder:
     tb = TableBuilder("ddim", "vp", prediction)
     for i in range(grid.steps):
         t, a_t, a_prev = float(grid.t[i]), float(grid.abar[i]), float(grid.abar_to[i])

@@ -29,7 +29,7 @@ def posterior(abar_t: float, abar_prev: float, variance: str) -> tuple[float, fl
     return coef_x0, coef_xt, math.sqrt(var)
 
 
-def build(grid: Grid, prediction: str, *, variance: str = "fixed_small", **_) -> TableBuilder:
+def build(grid: Grid, prediction: str, *, variance: str = "fixed_small") -> TableBuilder:
     tb = TableBuilder("ddpm", "vp", prediction)
     for i in range(grid.steps):
         t, a_t, a_prev = float(grid.t[i]), float(grid.abar[i]), float(grid.abar_to[i])

@@ -18,13 +18,19 @@ from ..grids import Grid
 from .base import TableBuilder, vec, vp_levels
 
 
+def final_step_first_order(steps: int, lower_order_final: bool) -> bool:
+    """diffusers' DPM-Solver++ rule: with lower_order_final, a grid of fewer than 15 steps
+    takes its last step at first order (more stable at few steps)."""
+    return lower_order_final and steps < 15
+
+
 def _orders(grid: Grid, order: int, lower_order_final: bool) -> list[int]:
     N = grid.steps
     orders = []
     for i in range(N):
         o = min(order, i + 1)
         last = i == N - 1
-        if last and (float(grid.abar_to[i]) >= 1.0 or (lower_order_final and N < 15)):
+        if last and (float(grid.abar_to[i]) >= 1.0 or final_step_first_order(N, lower_order_final)):
             o = 1
         orders.append(o)
     return orders
@@ -58,11 +64,11 @@ def _build(name: str, grid: Grid, prediction: str, sde: bool, solver_order: int,
     return tb
 
 
-def build_2m(grid: Grid, prediction: str, *, solver_order: int = 2, lower_order_final: bool = True, **_):
+def build_2m(grid: Grid, prediction: str, *, solver_order: int = 2, lower_order_final: bool = True):
     return _build("dpmpp_2m", grid, prediction, False, solver_order, lower_order_final)
 
 
-def build_2m_sde(grid: Grid, prediction: str, *, solver_order: int = 2, lower_order_final: bool = True, **_):
+def build_2m_sde(grid: Grid, prediction: str, *, solver_order: int = 2, lower_order_final: bool = True):
     return _build("dpmpp_2m_sde", grid, prediction, True, solver_order, lower_order_final)
 
 

@@ -31,7 +31,7 @@ def _sigmas(grid: Grid, solver: str) -> list[tuple[float, float, float, float]]:
     return rows
 
 
-def build_euler(grid: Grid, prediction: str, *, spacing: str = "trailing", **_) -> TableBuilder:
+def build_euler(grid: Grid, prediction: str, *, spacing: str = "trailing") -> TableBuilder:
     rows = _sigmas(grid, "euler")
     tb = TableBuilder("euler", "ve", prediction, init_noise_sigma=init_noise_sigma(rows[0][2], spacing))
     for t, abar, s, s_to in rows:
@@ -44,7 +44,7 @@ def ancestral_sigmas(s: float, s_to: float) -> tuple[float, float]:
     return math.sqrt(s_to**2 - s_up**2), s_up
 
 
-def build_euler_ancestral(grid: Grid, prediction: str, *, spacing: str = "trailing", **_) -> TableBuilder:
+def build_euler_ancestral(grid: Grid, prediction: str, *, spacing: str = "trailing") -> TableBuilder:
     rows = _sigmas(grid, "euler_ancestral")
     tb = TableBuilder("euler_ancestral", "ve", prediction, init_noise_sigma=init_noise_sigma(rows[0][2], spacing))
     for t, abar, s, s_to in rows:
@@ -53,7 +53,7 @@ def build_euler_ancestral(grid: Grid, prediction: str, *, spacing: str = "traili
     return tb
 
 
-def build_heun(grid: Grid, prediction: str, *, spacing: str = "trailing", **_) -> TableBuilder:
+def build_heun(grid: Grid, prediction: str, *, spacing: str = "trailing") -> TableBuilder:
     rows = _sigmas(grid, "heun")
     tb = TableBuilder("heun", "ve", prediction, init_noise_sigma=init_noise_sigma(rows[0][2], spacing),
                       history_len=1, separate_point=True)

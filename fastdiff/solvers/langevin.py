@@ -9,18 +9,31 @@ extra torch pass (device reductions, no host sync), between fused steps.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..schedules import Schedule
 from .table import StepTable
 
 
-def attach(table: StepTable, schedule: Schedule, *, steps: int, snr: float) -> StepTable:
-    """The table with `steps` corrector sub-steps after every step that lands on a noisy level."""
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"corrector_steps must be a positive integer, got {steps!r}")
-    if not snr > 0:
-        raise ValueError(f"snr must be > 0, got {snr}")
+@dataclass(frozen=True)
+class Corrector:
+    """The corrector's settings: sub-steps after each step, and the target signal-to-noise ratio."""
+
+    steps: int
+    snr: float
+
+    def __post_init__(self):
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
+            raise ValueError(f"corrector_steps must be a positive integer, got {self.steps!r}")
+        if not self.snr > 0:
+            raise ValueError(f"snr must be > 0, got {self.snr}")
+
+
+def attach(table: StepTable, schedule: Schedule, corrector: Corrector) -> StepTable:
+    """The table with `corrector.steps` sub-steps after every step that lands on a noisy level."""
+    steps = corrector.steps
     R = table.rows
     ends = table.ends_step if table.ends_step is not None else torch.ones(R, dtype=torch.bool)
     count = torch.zeros(R, dtype=torch.int64)
@@ -32,7 +45,7 @@ def attach(table: StepTable, schedule: Schedule, *, steps: int, snr: float) -> S
             abar_t = schedule.alphas_cumprod_at(torch.tensor(t))
             abar_before = schedule.alphas_cumprod_at(torch.tensor(max(t - 1.0, 0.0))) if t >= 1 else torch.tensor(1.0)
             alpha_i[r] = float(abar_t / abar_before)
-    return table.with_(corrector_steps=count, corrector_snr=float(snr), corrector_alpha=alpha_i)
+    return table.with_(corrector_steps=count, corrector_snr=float(corrector.snr), corrector_alpha=alpha_i)
 
 
 def step_size(z: torch.Tensor, score: torch.Tensor, snr: float, alpha_i: float) -> torch.Tensor:
@@ -41,6 +54,16 @@ def step_size(z: torch.Tensor, score: torch.Tensor, snr: float, alpha_i: float) 
     z_norm = torch.linalg.vector_norm(z, dim=dims, keepdim=True)
     g_norm = torch.linalg.vector_norm(score, dim=dims, keepdim=True)
     return 2 * alpha_i * (snr * z_norm / g_norm) ** 2
+
+
+def update(point: torch.Tensor, D: torch.Tensor, z: torch.Tensor, alpha: float, sigma: float, snr: float,
+           alpha_i: float, to_vp: float = 1.0) -> torch.Tensor:
+    """One corrector step of Algorithm 5 on a batch; `point` is in the table's units, its VP
+    value to_vp * point (to_vp = alpha in VE space, 1 in VP). Returns the new point."""
+    x_vp = to_vp * point
+    score = (alpha * D - x_vp) / (sigma * sigma)
+    eps = step_size(z, score, snr, alpha_i)
+    return (x_vp + eps * score + (2 * eps).sqrt() * z) / to_vp
 
 
 def reference_step(x_t, D, z, alpha, sigma, snr, alpha_i):

@@ -22,21 +22,11 @@ recent D pushed to the history before this row, and z standard normal noise keye
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 
-COLUMNS = ("x", "D", "D_raw", "H0", "H1", "H2", "z")
-NCOL = len(COLUMNS)
-X, D, D_RAW, H0, H1, H2, Z = range(NCOL)
-MAX_HISTORY = 3
-MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # model tensors the fused step kernel takes
-
-# Noise streams: each is an independent sequence for the same (seed, step).
-STREAM_INIT = 0  # the initial x_T
-STREAM_STEP = 1  # a solver's per-step noise (ancestral, SDE)
-STREAM_CORRECTOR = 2  # the Langevin corrector
-STREAM_FORWARD = 3  # forward noising q(x_t | x_0) (img2img, training)
+from ..columns import COLUMNS, D, D_RAW, H0, H1, H2, MAX_HISTORY, NCOL, X, Z  # noqa: F401  (the layout)
 
 
 @dataclass(frozen=True)
@@ -63,7 +53,6 @@ class StepTable:
     # per-row "alpha_i = 1 - beta_i" of Song et al.'s VP corrector, and the point's
     # VP (alpha, sigma) for the corrector's score; None without a corrector.
     corrector_alpha: torch.Tensor | None = None  # [R]
-    meta: dict = field(default_factory=dict)
 
     @property
     def rows(self) -> int:

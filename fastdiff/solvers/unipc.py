@@ -79,7 +79,7 @@ def corrector(levels, order: int) -> dict:
     return c
 
 
-def build(grid: Grid, prediction: str, *, solver_order: int = 2, lower_order_final: bool = True, **_):
+def build(grid: Grid, prediction: str, *, solver_order: int = 2, lower_order_final: bool = True):
     if solver_order not in (1, 2):
         raise ValueError(f"solver_order must be 1 or 2 for unipc, got {solver_order}")
     N = grid.steps
