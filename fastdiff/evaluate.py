@@ -95,7 +95,7 @@ def sample_cell(loaded, solver: str, nfe: int, num_samples: int, batch: int, gui
     from .sampler import Sampler
 
     sampler = Sampler(loaded.model, loaded.schedule, solver=solver, steps=steps_for_nfe(solver, nfe),
-                      backend=backend, device=device, **loaded.sampler_options())
+                      backend=backend, device=device, **loaded.sampler_options(solver))
     labels = torch.arange(num_samples) % loaded.num_classes  # [N]
     chunks = []
     for lo in range(0, num_samples, batch):

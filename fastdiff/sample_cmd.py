@@ -135,7 +135,7 @@ def grid_main(args: argparse.Namespace) -> int:
 
     w = guidance_scale(args) if classes is not None else None
     sampler = Sampler(loaded.model, loaded.schedule, solver=args.solver, steps=args.steps,
-                      backend=args.backend, device=device, **loaded.sampler_options())
+                      backend=args.backend, device=device, **loaded.sampler_options(args.solver))
     cond = uncond = cfg = None
     if classes is not None:
         labels = torch.tensor(classes, device=device).repeat_interleave(per_class)  # [N], row by row
@@ -219,7 +219,7 @@ def _run_rank(args: argparse.Namespace, seeds: list[int]):
         loaded = load_diffusion_model(args.model, device)
         classes = parse_classes(args.classes, loaded.num_classes)
         sampler = Sampler(loaded.model, loaded.schedule, solver=args.solver, steps=args.steps,
-                          backend=args.backend, device=device, **loaded.sampler_options())
+                          backend=args.backend, device=device, **loaded.sampler_options(args.solver))
         return generate(sampler, seeds, args.outdir, sample_shape=loaded.image_shape,
                         batch=DEFAULT_BATCH if args.batch is None else args.batch, fmt=args.format or "png",
                         data_range=loaded.data_range, classes=classes, null_class=loaded.null_class,

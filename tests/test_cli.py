@@ -202,7 +202,7 @@ def test_guidance_scale_means_the_same_in_grid_and_bulk_mode(tmp_path, capsys, t
     assert run_cli(capsys, "sample", *flags, "--outdir", tmp_path / "bulk", "--format", "npy")[0] == 0
 
     m = load_pretrained(tiny_model)
-    sampler = Sampler(m.model, m.schedule, solver="dpmpp_2m", steps=2, **m.sampler_options())
+    sampler = Sampler(m.model, m.schedule, solver="dpmpp_2m", steps=2, **m.sampler_options("dpmpp_2m"))
     y = torch.tensor([3, 3])
     want = sampler.sample(shape=(2, 1, 8, 8), seeds=[4, 5], cond={"class_labels": y},
                           uncond={"class_labels": torch.full_like(y, 10)}, guidance_scale=w)

@@ -15,7 +15,7 @@ CLI_TWIN = re.compile(r"same images as\s+`fastdiff (sample [^`]*)`")  # the pros
 
 
 def test_readme_has_its_examples():
-    assert len(BLOCKS) >= 4 and sum("sampler_options()" in b for b in BLOCKS) >= 2
+    assert len(BLOCKS) >= 4 and sum("sampler_options(\"dpmpp_2m\")" in b for b in BLOCKS) >= 2
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
