@@ -12,6 +12,7 @@ import pytest
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"^```python\n(.*?)^```$", README.read_text(), flags=re.S | re.M)
 CLI_TWIN = re.compile(r"same images as\s+`fastdiff (sample [^`]*)`")  # the prose before the API example
+BULK_TWIN = re.compile(r"the files of `fastdiff (sample [^`]*)`")  # the comment closing the bulk example
 
 
 def test_readme_has_its_examples():
@@ -28,6 +29,22 @@ def test_readme_block_runs_as_written(index, tmp_path, monkeypatch, capsys):
     exec(compile(code, f"README.md python block {index}", "exec"), namespace)
     if "bundle" in namespace and "labels" in namespace:
         _same_images_as_the_cli(namespace, tmp_path, capsys)
+    if BULK_TWIN.search(code):
+        _same_files_as_the_cli(BULK_TWIN.search(code).group(1).split(), tmp_path, capsys)
+
+
+def _same_files_as_the_cli(argv, tmp_path, capsys):
+    """The bulk example's files are those of the command its comment names, byte for byte."""
+    from fastdiff.cli import main
+
+    outdir = Path(argv[argv.index("--outdir") + 1])
+    argv[argv.index("--outdir") + 1] = str(tmp_path / "cli")
+    assert main([*argv, "--no-progress"]) == 0
+    capsys.readouterr()
+    python = sorted(p.name for p in outdir.glob("*.png"))
+    assert python and python == sorted(p.name for p in (tmp_path / "cli").glob("*.png"))
+    for name in python:
+        assert (outdir / name).read_bytes() == (tmp_path / "cli" / name).read_bytes(), name
 
 
 def _same_images_as_the_cli(namespace, tmp_path, capsys):
