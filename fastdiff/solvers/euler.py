@@ -5,7 +5,13 @@ The state is x = x_t / alpha_t; the probability-flow ODE is dx/ds = (x - D(x, s)
     euler_ancestral:  s_up = sqrt(s_to^2 (s^2 - s_to^2) / s^2), s_down = sqrt(s_to^2 - s_up^2)
                       x' = x + (s_down - s) d + s_up z
     heun (Alg. 1):    y = x + (s_to - s) d;  x' = x + (s_to - s) (d + d_y) / 2, d_y = (y - D(y)) / s_to
-                      the last step, to s_to = 0, is a plain Euler step.
+                      the last step, to s_to = 0, is a plain Euler step; a grid that ends above 0
+                      ends with a normal Heun step (as k-diffusion's sample_heun).
+A flow-matching process (x_s = (1 - s) x_0 + s eps) has the same ODE in its own units and
+time, dx/ds = v = (x - D) / s, so euler and heun run on x_s with s as the sigma (as diffusers'
+FlowMatchEuler/FlowMatchHeun); euler is the same step as on the VE form (both are exact for a
+constant D), heun is not (the trapezoid rule depends on the time variable). euler_ancestral
+is the posterior q(x_s' | x_s, x_0 = D) of the process, written for flow units (build_euler_ancestral).
 """
 from __future__ import annotations
 
@@ -20,10 +26,17 @@ def init_noise_sigma(sigma_max: float, spacing: str) -> float:
     return math.sqrt(sigma_max**2 + 1) if spacing == "leading" else sigma_max
 
 
-def _sigmas(grid: Grid, solver: str) -> list[tuple[float, float, float, float]]:
+def ode_space(grid: Grid) -> str:
+    return "flow" if grid.process == "flow" else "ve"
+
+
+def sigma_rows(grid: Grid, solver: str) -> list[tuple[float, float, float, float]]:
+    """(t, abar, s, s_to) per step: s the VE sigma, or the flow level on a flow process."""
+    flow = grid.process == "flow"
+    sig, sig_to = (grid.flow_sigma, grid.flow_sigma_to) if flow else (grid.sigma, grid.sigma_to)
     rows = []
     for i in range(grid.steps):
-        s, s_to = float(grid.sigma[i]), float(grid.sigma_to[i])
+        s, s_to = float(sig[i]), float(sig_to[i])
         if not math.isfinite(s) or s <= 0:
             raise ValueError(f"solver {solver!r} needs a finite, positive sigma at every step (got {s} at step "
                              f"{i}); with a zero-terminal-SNR schedule use ddim, ddpm, dpmpp_2m or unipc")
@@ -32,8 +45,9 @@ def _sigmas(grid: Grid, solver: str) -> list[tuple[float, float, float, float]]:
 
 
 def build_euler(grid: Grid, prediction: str, *, spacing: str = "trailing") -> TableBuilder:
-    rows = _sigmas(grid, "euler")
-    tb = TableBuilder("euler", "ve", prediction, init_noise_sigma=init_noise_sigma(rows[0][2], spacing))
+    rows = sigma_rows(grid, "euler")
+    tb = TableBuilder("euler", ode_space(grid), prediction, init_noise_sigma=init_noise_sigma(rows[0][2], spacing),
+                      process=grid.process)
     for t, abar, s, s_to in rows:
         tb.add(t, abar, vec(x=s_to / s, D=1 - s_to / s))
     return tb
@@ -45,18 +59,29 @@ def ancestral_sigmas(s: float, s_to: float) -> tuple[float, float]:
 
 
 def build_euler_ancestral(grid: Grid, prediction: str, *, spacing: str = "trailing") -> TableBuilder:
-    rows = _sigmas(grid, "euler_ancestral")
-    tb = TableBuilder("euler_ancestral", "ve", prediction, init_noise_sigma=init_noise_sigma(rows[0][2], spacing))
+    rows = sigma_rows(grid, "euler_ancestral")
+    tb = TableBuilder("euler_ancestral", ode_space(grid), prediction,
+                      init_noise_sigma=init_noise_sigma(rows[0][2], spacing), process=grid.process)
     for t, abar, s, s_to in rows:
+        if grid.process == "flow":
+            tb.add(t, abar, vec(**flow_ancestral(s, s_to)))
+            continue
         s_down, s_up = ancestral_sigmas(s, s_to)
         tb.add(t, abar, vec(x=s_down / s, D=1 - s_down / s, z=s_up))
     return tb
 
 
+def flow_ancestral(s: float, s_to: float) -> dict:
+    """The ancestral step in flow units: the VE one (rho = s_down / s = (sigma'/sigma)^2 with
+    sigma = s / (1 - s)) times 1 - s_to, the state x_s / (1 - s); finite at s = 1 (rho = 0)."""
+    rho = (s_to * (1 - s) / ((1 - s_to) * s)) ** 2
+    return dict(x=s_to**2 * (1 - s) / ((1 - s_to) * s * s), D=(1 - s_to) * (1 - rho), z=s_to * math.sqrt(1 - rho))
+
+
 def build_heun(grid: Grid, prediction: str, *, spacing: str = "trailing") -> TableBuilder:
-    rows = _sigmas(grid, "heun")
-    tb = TableBuilder("heun", "ve", prediction, init_noise_sigma=init_noise_sigma(rows[0][2], spacing),
-                      history_len=1, separate_point=True)
+    rows = sigma_rows(grid, "heun")
+    tb = TableBuilder("heun", ode_space(grid), prediction, init_noise_sigma=init_noise_sigma(rows[0][2], spacing),
+                      history_len=1, separate_point=True, process=grid.process)
     for i, (t, abar, s, s_to) in enumerate(rows):
         if s_to == 0:  # the last step: Euler to the data
             tb.add(t, abar, vec(x=0, D=1), point=vec(x=0, D=1))
@@ -65,7 +90,8 @@ def build_heun(grid: Grid, prediction: str, *, spacing: str = "trailing") -> Tab
         # first evaluation at x: the state stays, the point moves to the Euler predictor y
         tb.add(t, abar, vec(x=1), point=vec(x=s_to / s, D=1 - s_to / s), push=True, ends_step=False)
         # second evaluation at y (level s_to); H0 is D(x); x' = x + ds/2 (d + d_y), y folded in
-        t_next, abar_next = float(grid.t[i + 1]), float(grid.abar_to[i])
+        t_next = float(grid.t[i + 1]) if i + 1 < grid.steps else grid.t_final  # a grid ending above 0
+        abar_next = float(grid.abar_to[i])
         state = vec(x=1 + ds / s, H0=ds / 2 * (1 / s_to - 2 / s), D=-ds / (2 * s_to))
         tb.add(t_next, abar_next, state, point=state)
     return tb
