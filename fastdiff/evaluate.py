@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from . import nll_eval
+
 SOLVERS = ("ddpm", "ddim", "euler", "heun", "dpmpp_2m", "unipc", "euler_ancestral", "dpmpp_2m_sde")
 NFES = (10, 20, 50, 100, 250)
 EXTRA_CELLS = (("ddpm", 1000),)  # the sampler DDPM was trained for
@@ -214,7 +216,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="samples per cell, at least 2 (the Fréchet distance needs a covariance) (default %(default)s)")
     p.add_argument("--batch", type=int, default=250, help="samples per sampler call (default %(default)s)")
     p.add_argument("--out", default=None, help="markdown table; the plot goes beside it as .png "
-                   "(default: quality-<model>.md in the current directory)")
+                   "(default: quality-<model>.md, with --nll nll-<model>.md, in the current directory)")
+    nll_eval.add_arguments(p)
 
 
 def default_out(model: str) -> Path:
@@ -223,6 +226,8 @@ def default_out(model: str) -> Path:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.nll:
+        return nll_eval.main(args)
     from .command_options import guidance_scale, load_diffusion_model, resolve_device, show_progress
     from .solvers import check_solver
 

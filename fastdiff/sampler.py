@@ -136,9 +136,10 @@ class Sampler:
             dynamic_ratio=dynamic_thresholding_ratio if thresholding else None, max_value=sample_max_value)
         self.guidance_rescale, self.classifier, self.classifier_scale = guidance_rescale, classifier, classifier_scale
         self.eta, self.spacing = float(eta), spacing
-        self.grid = make_grid(schedule, steps if timesteps is None else len(timesteps), spacing=spacing,
-                              steps_offset=steps_offset, sigmas=sigmas, rho=rho, final_abar=final_alpha_cumprod,
-                              stride_prev=solver in STRIDE_PREV and sigmas is None, timesteps=timesteps)
+        self._grid_options = dict(spacing=spacing, steps_offset=steps_offset, sigmas=sigmas, rho=rho,
+                                  final_abar=final_alpha_cumprod, stride_prev=solver in STRIDE_PREV and sigmas is None,
+                                  timesteps=timesteps)
+        self.grid = make_grid(schedule, steps if timesteps is None else len(timesteps), **self._grid_options)
         self.steps = self.grid.steps
         self._options = _solver_options(solver, spacing, dict(
             eta=eta, variance=variance, solver_order=solver_order, lower_order_final=lower_order_final,
@@ -223,15 +224,44 @@ class Sampler:
             a, b = process_coefficients(self.grid.process, abar)  # the model's units: sqrt(a^2+b^2) x_t
             x0 = x0 * (math.sqrt(a * a + b * b) / input_scale(table.space, self.grid.process, abar))
         kwargs = _batched_kwargs(cond, uncond, cfg, B, self.device)
-        cfg_w = None
-        if cfg:
-            w_t = torch.as_tensor(w, dtype=torch.float32, device=self.device).reshape(-1)
-            if w_t.numel() not in (1, B):
-                raise ValueError(f"guidance_scale must be a number or have {B} entries, got {w_t.numel()}")
-            cfg_w = w_t.expand(B)[None].expand(table.rows, B)
+        cfg_w = self._guidance_weights(w, B)[None].expand(table.rows, B) if cfg else None
         runner = self._runner(table, start, B, tuple(x_T.shape[1:]), cfg, kwargs)
         with on_device(self.device):  # streams, capture and launches go to the current GPU
             return runner.run(x0, seeds, cfg_w, kwargs, progress)
+
+    def _guidance_weights(self, w, B: int) -> torch.Tensor:
+        """The guidance scale per sample, [B] float32 on the device."""
+        w_t = torch.as_tensor(w, dtype=torch.float32, device=self.device).reshape(-1)
+        if w_t.numel() not in (1, B):
+            raise ValueError(f"guidance_scale must be a number or have {B} entries, got {w_t.numel()}")
+        return w_t.expand(B)
+
+    @torch.no_grad()
+    def invert(self, x0: torch.Tensor, cond: dict | None = None, uncond: dict | None = None, guidance_scale=None,
+               steps: int | None = None, *, mode: str = "exact", iterations: int = 10, sweeps: int = 10,
+               tol: float = 1e-7) -> torch.Tensor:
+        """x_T such that sample(noise=x_T, cond=cond, ...) returns x0: the probability-flow ODE from
+        data to noise on this sampler's grid (fastdiff.inversion). mode 'exact' (every row's model
+        call consistent with its point, by backward sweeps: up to `iterations` calls per row for its
+        own fixed point, up to `sweeps` sweeps, until points and x_T move by less than `tol`) or
+        'naive' (one sweep, each row's model at its known point). Deterministic
+        solvers only (ddim with eta=0, euler, heun, dpmpp_2m, unipc). steps: another step count
+        on the same grid options (a Sampler of that many steps then samples it back)."""
+        from .inversion import check_invertible, invert_table, table_for_steps
+
+        check_invertible(self)
+        if not torch.is_tensor(x0) or x0.ndim < 2:
+            raise ValueError("x0 must be a tensor [B, ...]")
+        table = self.table if steps is None or steps == self.steps else table_for_steps(self, steps)
+        B = x0.shape[0]
+        w = self.guidance_scale if guidance_scale is None else guidance_scale
+        self._check_guidance_scale(w)
+        cfg = self._check_conditioning(cond, uncond, w, B)
+        x_s = invert_table(self._model(), table, x0.to(self.device, torch.float32),
+                           kwargs=_batched_kwargs(cond, uncond, cfg, B, self.device),
+                           cfg_w=self._guidance_weights(w, B) if cfg else None, mode=mode, iterations=iterations,
+                           sweeps=sweeps, tol=tol, dtype=self.dtype)
+        return x_s / table.init_noise_sigma  # sample() starts from x_T * init_noise_sigma
 
     def _initial_noise(self, noise, shape, seeds):
         if noise is not None:
