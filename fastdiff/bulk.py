@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .conditioning import class_conditioning
+from .class_conditioning import class_conditioning
 from .distributed import Ranks, current_ranks
 from .output_files import (OutputError, atomic_open, check_run_settings, folder_lock, fsync_dir, os_message,
                            remove_stale_temporaries, write_atomic)

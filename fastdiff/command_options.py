@@ -1,7 +1,7 @@
 """What the sampling commands share (`fastdiff sample` in grid and bulk mode, `fastdiff eval`,
 `fastdiff bench`): the --model, --device, --backend and --guidance-scale arguments, one
 meaning each, and what they resolve to. The guidance scale's meaning is
-fastdiff/conditioning.py's: 0 the unconditional model, 1 the conditional model alone.
+fastdiff/class_conditioning.py's: 0 the unconditional model, 1 the conditional model alone.
 """
 from __future__ import annotations
 

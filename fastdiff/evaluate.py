@@ -93,7 +93,7 @@ def real_digits_floor(judge: Judge, n: int, seed: int = 0) -> tuple[float, float
 def sample_cell(loaded, solver: str, nfe: int, num_samples: int, batch: int, guidance_scale: float,
                 device: torch.device, backend: str):
     """num_samples class-conditional samples from one (solver, NFE) setting."""
-    from .conditioning import class_conditioning
+    from .class_conditioning import class_conditioning
     from .sampler import Sampler
 
     sampler = Sampler(loaded.model, loaded.schedule, solver=solver, steps=steps_for_nfe(solver, nfe),

@@ -33,7 +33,7 @@ import torch
 from .columns import COLUMNS, H0, Z
 from .grids import make_grid
 from .guidance import cfg_combine
-from .models.adapters import plain_output
+from .loop import checked_output
 from .solvers import build_table
 from .solvers.table import StepTable
 
@@ -114,7 +114,7 @@ def invert_table(model, table: StepTable, y: torch.Tensor, *, kwargs: dict, cfg_
         if G == 2:
             x_in = torch.cat([x_in, x_in])
         t = torch.full((G * B,), t_model[r], dtype=torch.float32, device=dev)
-        out = plain_output(model(x_in, t, **kwargs))
+        out = checked_output(model(x_in, t, **kwargs), x_in)
         out = cfg_combine(out, cfg_w) if G == 2 else out.float()
         if not bool(torch.isfinite(out).all()):
             raise FloatingPointError(f"non-finite model output at step {r} (timestep {t_model[r]:g}) while inverting")

@@ -7,7 +7,7 @@
     fastdiff sample --seeds 0-999 --outdir out/ [--nproc 2 | under torchrun]
 
 Both modes read the model, solver, steps, guidance, classes and seeds the same way
-(fastdiff/command_options.py, fastdiff/conditioning.py); a flag of the other mode is refused.
+(fastdiff/command_options.py, fastdiff/class_conditioning.py); a flag of the other mode is refused.
 """
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ def save_grid(images: torch.Tensor, rows: int, path: Path, data_range=(-1.0, 1.0
 
 
 def grid_main(args: argparse.Namespace) -> int:
-    from .conditioning import class_conditioning, model_calls_per_step
+    from .class_conditioning import class_conditioning, model_calls_per_step
     from .sampler import Sampler
     from .seeds import parse_seed_range
 

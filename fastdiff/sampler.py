@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import inspect
 import math
+import sys
 import warnings
 from collections import OrderedDict
 
 import torch
 
-from . import rng, runners
-from .devices import on_device
+from . import conditioning, rng, runners
+from .checks import check_finite_tensor, check_number, is_number
+from .devices import check_device, on_device
+from .dtypes import MODEL_DTYPES
 from .executors import EXECUTORS, resolve_backend
 from .grids import SIGMA_GRIDS, SPACINGS, make_grid
 from .guidance import Thresholding
@@ -35,6 +38,7 @@ from .solvers.table import StepTable
 
 CORRECTORS = (None, "langevin")
 GRAPH_MODES = ("auto", True, False)
+DTYPES = MODEL_DTYPES + (torch.float64,)  # the kernels' model dtypes, and a float64 model on the torch backend
 # Every solver but DDIM steps from the clipped D, which is what use_clipped_model_output=True asks
 # of DDIM; Pretrained.sampler_options() asks it whatever the solver until its callers pass theirs.
 _CLIPPED_OUTPUT_ALWAYS = ("use_clipped_model_output", True)
@@ -56,6 +60,15 @@ def _solver_options(solver: str, spacing: str, given: dict) -> dict:
     if "spacing" in takes:  # the grid's spacing, which the Euler family's initial sigma depends on
         options["spacing"] = spacing
     return options
+
+
+def _stderr_is_terminal() -> bool:
+    """Whether a progress bar would reach a person: stderr is a terminal (not a pipe, a log or a
+    replaced stream without isatty)."""
+    try:
+        return bool(sys.stderr.isatty())
+    except (AttributeError, ValueError):  # None, a stream without isatty, a closed file
+        return False
 
 
 def _model_dtype_device(model):
@@ -114,21 +127,27 @@ class Sampler:
             raise ValueError(f"unknown spacing {spacing!r}; allowed: {', '.join(SPACINGS)}")
         if isinstance(sigmas, str) and sigmas not in SIGMA_GRIDS:
             raise ValueError(f"unknown sigmas {sigmas!r}; allowed: None, {', '.join(SIGMA_GRIDS)} or explicit values")
-        if not (isinstance(eta, (int, float)) and eta >= 0):
-            raise ValueError(f"eta must be >= 0, got {eta!r}")
+        check_number("eta", eta, 0, math.inf, lo_open=False, hi_open=True)
         if variance not in VARIANCES:
             raise ValueError(f"unknown variance {variance!r}; allowed: {', '.join(VARIANCES)}")
         if corrector not in CORRECTORS:
             raise ValueError(f"unknown corrector {corrector!r}; allowed: None, 'langevin'")
         if graph not in GRAPH_MODES:
             raise ValueError(f"graph must be 'auto', True or False, got {graph!r}")
-        if not 0 <= guidance_rescale <= 1:
-            raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
+        check_number("guidance_rescale", guidance_rescale, 0, 1, lo_open=False)
         if not isinstance(compile, bool):
             raise ValueError(f"compile must be True or False, got {compile!r}")
         if not isinstance(max_graphs, int) or max_graphs < 1:
             raise ValueError(f"max_graphs must be a positive integer, got {max_graphs!r}")
         self._check_guidance_scale(guidance_scale)
+        check_number("final_alpha_cumprod", final_alpha_cumprod, 0, 1)
+        if classifier is not None and not callable(classifier):
+            raise ValueError("classifier must be callable as classifier(x, t, **kwargs) -> log p(y|x_t) [B]")
+        if not (is_number(classifier_scale) and math.isfinite(classifier_scale)):
+            raise ValueError(f"classifier_scale must be a finite number, got {classifier_scale!r}")
+        if dtype is not None and dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(map(str, DTYPES))} (the model's input and "
+                             f"output dtype) or None (the model's), got {dtype!r}")
         self.model, self.schedule = model, schedule
         self.guidance_scale = guidance_scale
         self.threshold = Thresholding(
@@ -151,7 +170,7 @@ class Sampler:
         self.final_units = final_units
         self.table = self._table(0)
         mdtype, mdevice = _model_dtype_device(model)
-        self.device = torch.device(device) if device is not None else (mdevice or torch.device("cpu"))
+        self.device = check_device(device) if device is not None else (mdevice or torch.device("cpu"))
         self.dtype = dtype or mdtype or torch.float32
         self.backend = resolve_backend(backend, self.device, self.dtype)
         self.graph_mode, self.compile, self.max_graphs = graph, compile, max_graphs
@@ -200,14 +219,27 @@ class Sampler:
     @torch.no_grad()
     def sample(self, noise: torch.Tensor | None = None, *, shape=None, seeds=None, cond: dict | None = None,
                uncond: dict | None = None, guidance_scale=None, init: torch.Tensor | None = None,
-               strength: float | None = None, progress: bool = False) -> torch.Tensor:
+               strength: float | None = None, progress: bool | str | dict | None = None) -> torch.Tensor:
         """Draw samples; returns float32 [B, *S] in data units (see the class docstring).
 
         noise: x_T ~ N(0, I) (scaled by init_noise_sigma here); or shape + seeds, from which
-        noise is drawn per sample.  cond/uncond: model keyword arguments batched along dim 0;
-        with uncond and a guidance scale, one batched [uncond; cond] call per step.
+        noise is drawn per sample.  cond/uncond: model keyword arguments, tensors batched along
+        dim 0, nested in dicts/lists/tuples at any depth (fastdiff/conditioning.py); with uncond
+        and a guidance scale, one batched [uncond; cond] call per step.
         init + strength: img2img/SDEdit, starting from init noised to the strength's level.
+        progress: a tqdm bar per model evaluation; None or 'auto' (the default): on for a CPU
+        sampler when stderr is a terminal, off otherwise (pipes, logs, notebooks' captured
+        output, CUDA). On CUDA a captured graph replays the whole loop at once, so its bar
+        counts calls, not steps. A dict of tqdm options (a pipeline's progress bar config) shows
+        a bar with those options.
+        Raises FloatingPointError naming the step where a model output, the classifier's
+        gradient or the sample itself became non-finite (noise and init are checked here).
         """
+        if not (progress is None or isinstance(progress, (bool, dict)) or isinstance(progress, str)
+                and progress == "auto"):
+            raise ValueError(f"progress must be True, False, None, 'auto' or a dict of tqdm options, got {progress!r}")
+        if progress is None or progress == "auto":
+            progress = self.device.type == "cpu" and _stderr_is_terminal()
         x_T, seeds = self._initial_noise(noise, shape, seeds)
         B = x_T.shape[0]
         w = self.guidance_scale if guidance_scale is None else guidance_scale
@@ -223,7 +255,7 @@ class Sampler:
             x0 = noise_to_level(init.to(self.device, torch.float32), abar, noise=x_T)  # VP x_t
             a, b = process_coefficients(self.grid.process, abar)  # the model's units: sqrt(a^2+b^2) x_t
             x0 = x0 * (math.sqrt(a * a + b * b) / input_scale(table.space, self.grid.process, abar))
-        kwargs = _batched_kwargs(cond, uncond, cfg, B, self.device)
+        kwargs = conditioning.batched(cond, uncond, cfg, self.device)
         cfg_w = self._guidance_weights(w, B)[None].expand(table.rows, B) if cfg else None
         runner = self._runner(table, start, B, tuple(x_T.shape[1:]), cfg, kwargs)
         with on_device(self.device):  # streams, capture and launches go to the current GPU
@@ -258,7 +290,7 @@ class Sampler:
         self._check_guidance_scale(w)
         cfg = self._check_conditioning(cond, uncond, w, B)
         x_s = invert_table(self._model(), table, x0.to(self.device, torch.float32),
-                           kwargs=_batched_kwargs(cond, uncond, cfg, B, self.device),
+                           kwargs=conditioning.batched(cond, uncond, cfg, self.device),
                            cfg_w=self._guidance_weights(w, B) if cfg else None, mode=mode, iterations=iterations,
                            sweeps=sweeps, tol=tol, dtype=self.dtype)
         return x_s / table.init_noise_sigma  # sample() starts from x_T * init_noise_sigma
@@ -269,6 +301,7 @@ class Sampler:
                 raise ValueError("noise must be a tensor [B, ...]")
             if shape is not None and tuple(shape) != tuple(noise.shape):
                 raise ValueError(f"noise shape {tuple(noise.shape)} does not match shape {tuple(shape)}")
+            check_finite_tensor("noise", noise)
             B = noise.shape[0]
             seeds = as_seeds(seeds if seeds is not None else range(B), B, self.device)
             return noise.to(self.device, torch.float32), seeds
@@ -283,20 +316,11 @@ class Sampler:
         return rng.randn(seeds, 0, STREAM_INIT, shape[1:], device=self.device), seeds
 
     def _check_conditioning(self, cond, uncond, w, B) -> bool:
-        for name, d in (("cond", cond), ("uncond", uncond)):
-            if d is None:
-                continue
-            if not isinstance(d, dict):
-                raise ValueError(f"{name} must be a dict of model keyword arguments")
-            for k, v in d.items():
-                if torch.is_tensor(v) and (v.ndim == 0 or v.shape[0] != B):
-                    raise ValueError(f"{name}[{k!r}] must be batched along dim 0 with {B} rows")
+        conditioning.check(cond, uncond, B)
         if w is not None and uncond is None:
             raise ValueError("guidance_scale needs uncond= (the unconditional model keyword arguments)")
         if uncond is not None and w is None:
             raise ValueError("uncond given without a guidance_scale")
-        if uncond is not None and set(uncond) != set(cond or {}):
-            raise ValueError(f"cond and uncond must have the same keys, got {sorted(cond or {})} and {sorted(uncond)}")
         return uncond is not None
 
     def _start_step(self, init, strength, x_T) -> int:
@@ -306,8 +330,8 @@ class Sampler:
             return 0
         if not torch.is_tensor(init) or init.shape != x_T.shape:
             raise ValueError(f"init must be a tensor of shape {tuple(x_T.shape)}")
-        if strength is None or not 0 < strength <= 1:
-            raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+        check_finite_tensor("init", init)
+        check_number("strength", strength, 0, 1)
         n = min(int(self.steps * strength), self.steps)
         if n < 1:
             raise ValueError(f"strength={strength} with steps={self.steps} leaves no step to run")
@@ -321,7 +345,7 @@ class Sampler:
         # OptimizedModule forwards len() to the model, which raises for most nn.Modules
 
     def _runner(self, table, start, B, sample_shape, cfg, kwargs):
-        key = (start, B, sample_shape, self.dtype, cfg, tuple((k, v.shape, v.dtype) for k, v in kwargs.items()))
+        key = (start, B, sample_shape, self.dtype, cfg, conditioning.signature(kwargs))
         if key in self._runners:
             self._runners.move_to_end(key)
             return self._runners[key]
@@ -366,13 +390,3 @@ class Sampler:
     def num_cached_graphs(self) -> int:
         return sum(1 for r in self._runners.values() if getattr(r, "graph", None) is not None)
 
-
-def _batched_kwargs(cond, uncond, cfg, B, device) -> dict:
-    cond = cond or {}
-    out = {}
-    for k, v in cond.items():
-        if not torch.is_tensor(v):
-            raise ValueError(f"cond[{k!r}] must be a tensor batched along dim 0")
-        v = v.to(device)
-        out[k] = torch.cat([uncond[k].to(device), v]) if cfg else v
-    return out

@@ -17,10 +17,11 @@ LAYERS = [
     ("cli", {"__main__", "cli", "sample_cmd", "evaluate", "nll_eval", "train", "models.train_classifier"}),
     # what the commands share (options, class conditioning, output files) and the library loops they call
     ("front", {"__init__", "integrations", "bench", "bench_cases", "distributed", "bulk", "command_options",
-               "conditioning", "output_files"}),
-    ("sampling", {"sampler", "runners", "loop", "executors", "noising", "likelihood", "inversion"}),
+               "class_conditioning", "output_files"}),
+    ("sampling", {"sampler", "runners", "loop", "executors", "noising", "likelihood", "inversion", "conditioning"}),
     ("compilers", {"solvers", "models"}),
-    ("base", {"schedules", "grids", "kernels", "rng", "guidance", "dtypes", "devices", "columns", "seeds"}),
+    ("base", {"schedules", "grids", "kernels", "rng", "guidance", "dtypes", "devices", "columns", "seeds",
+              "checks"}),
 ]
 CLI = LAYERS[0][1]
 CORE = {"sampling", "compilers", "base"}  # imports neither diffusers nor the CLI
