@@ -16,8 +16,8 @@ LAYERS = [
     # the command line: one `sample` command (grid and bulk mode), eval (with --nll), train
     ("cli", {"__main__", "cli", "sample_cmd", "evaluate", "nll_eval", "train", "models.train_classifier"}),
     # what the commands share (options, class conditioning, output files) and the library loops they call
-    ("front", {"__init__", "integrations", "bench", "bench_cases", "distributed", "bulk", "command_options",
-               "class_conditioning", "output_files"}),
+    ("front", {"__init__", "integrations", "bench", "bench_cases", "kernel_compile", "distributed", "bulk",
+               "command_options", "class_conditioning", "output_files"}),
     ("sampling", {"sampler", "runners", "loop", "executors", "noising", "likelihood", "inversion", "conditioning"}),
     ("compilers", {"solvers", "models"}),
     ("base", {"schedules", "grids", "kernels", "rng", "guidance", "dtypes", "devices", "columns", "seeds",
