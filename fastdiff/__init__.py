@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 
 def load_pretrained(name_or_path="digits", device="cpu"):
     """A shipped model by name ("digits", "digits_classifier") or a saved .safetensors file
-    (its .json beside it): model, Schedule, metadata and sampler_options()
+    (its .json beside it): model, Schedule, metadata and sampler_options(solver)
     (see fastdiff.models.pretrained)."""
     from .models.pretrained import load_pretrained as _load
 

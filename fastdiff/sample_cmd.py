@@ -134,7 +134,8 @@ def grid_main(args: argparse.Namespace) -> int:
         raise ValueError(f"--seeds gives {len(seeds)} seeds; need one per sample: {rows} rows x {per_class} = {n}")
 
     w = guidance_scale(args) if classes is not None else None
-    sampler = Sampler(loaded.model, loaded.schedule, solver=args.solver, steps=args.steps,
+    # one call: a CUDA graph captured here would never be replayed, so run the loop eagerly
+    sampler = Sampler(loaded.model, loaded.schedule, solver=args.solver, steps=args.steps, graph=False,
                       backend=args.backend, device=device, **loaded.sampler_options(args.solver))
     cond = uncond = cfg = None
     if classes is not None:

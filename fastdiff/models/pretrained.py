@@ -42,19 +42,19 @@ class Pretrained(NamedTuple):
     def prediction(self) -> str | None:
         return self.metadata.get("prediction")
 
-    def sampler_options(self, solver: str | None = None) -> dict:
+    def sampler_options(self, solver: str) -> dict:
         """Sampler keywords this model needs: its prediction type, and D clipped to the data
         range (pixel-space models: on the shipped digits, clipping took dpmpp_2m at 20 steps
         from FD 156 to 130 and removed the rare blown-out sample). DDIM then re-derives eps
         from the clipped x0: with diffusers' default (raw eps) its 20-step FD went to 434.
-        With `solver`, only the options that solver takes."""
+        Only the options `solver` takes (a Sampler refuses options its solver does not use)."""
         from ..solvers import solver_options
 
         lo, hi = self.data_range
         options = {"prediction": self.prediction or "epsilon"}
         if lo == -hi:
             options.update(clip_sample=True, clip_range=hi)
-            if solver is None or "use_clipped_model_output" in solver_options(solver):
+            if "use_clipped_model_output" in solver_options(solver):
                 options.update(use_clipped_model_output=True)
         return options
 
