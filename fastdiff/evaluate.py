@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from . import nll_eval
+from . import nll_eval, solver_error
+from .solver_error import steps_for_nfe
 
 SOLVERS = ("ddpm", "ddim", "euler", "heun", "dpmpp_2m", "unipc", "euler_ancestral", "dpmpp_2m_sde")
 NFES = (10, 20, 50, 100, 250)
@@ -38,11 +39,6 @@ class Cell:
     fd: float
     seconds: float
     samples: int
-
-
-def steps_for_nfe(solver: str, nfe: int) -> int:
-    """Steps that cost `nfe` model evaluations: Heun's last step is a single Euler step."""
-    return (nfe + 1) // 2 if solver == "heun" else nfe
 
 
 def frechet_distance(mu1: torch.Tensor, cov1: torch.Tensor, mu2: torch.Tensor, cov2: torch.Tensor) -> float:
@@ -218,6 +214,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="markdown table; the plot goes beside it as .png "
                    "(default: quality-<model>.md, with --nll nll-<model>.md, in the current directory)")
     nll_eval.add_arguments(p)
+    solver_error.add_eval_arguments(p)
 
 
 def default_out(model: str) -> Path:
@@ -228,6 +225,8 @@ def default_out(model: str) -> Path:
 def main(args: argparse.Namespace) -> int:
     if args.nll:
         return nll_eval.main(args)
+    if args.solver_error:
+        return solver_error.eval_main(args)
     from .command_options import guidance_scale, load_diffusion_model, resolve_device, show_progress
     from .solvers import check_solver
 

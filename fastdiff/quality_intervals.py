@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from .evaluate import Judge, frechet_distance, steps_for_nfe
-from .solver_error import class_samples, make_sampler
+from .evaluate import Judge, frechet_distance
+from .solver_error import class_samples, make_sampler, steps_for_nfe
 
 BOOTSTRAP = 200
 # Sampler options a cell may set, with their types (the rest of a cell is solver@nfe)

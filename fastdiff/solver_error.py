@@ -30,8 +30,6 @@ from pathlib import Path
 
 import torch
 
-from .evaluate import steps_for_nfe
-
 SOLVERS = ("ddim", "heun", "dpmpp_2m", "unipc")  # the deterministic (probability-flow ODE) solvers
 GRIDS = {"trailing": {"spacing": "trailing"}, "karras": {"sigmas": "karras"}, "exponential": {"sigmas": "exponential"}}
 NFES = (5, 10, 20, 50)
@@ -61,6 +59,11 @@ class Reference:
     halving_rmse: float  # RMSE between the solutions at `steps` and `steps // 2`
     halving_off: float
     seconds: float
+
+
+def steps_for_nfe(solver: str, nfe: int) -> int:
+    """Steps that cost `nfe` model evaluations: Heun's last step is a single Euler step."""
+    return (nfe + 1) // 2 if solver == "heun" else nfe
 
 
 def rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -93,7 +96,7 @@ def make_sampler(loaded, solver: str, steps: int, grid: str | None, device, back
     if grid is not None and grid not in GRIDS:
         raise ValueError(f"unknown grid {grid!r}; allowed: {', '.join(GRIDS)}")
     return Sampler(loaded.model, loaded.schedule, solver=solver, steps=steps, device=device, backend=backend,
-                   **(GRIDS[grid] if grid is not None else {}), **loaded.sampler_options(), **options)
+                   **(GRIDS[grid] if grid is not None else {}), **loaded.sampler_options(solver), **options)
 
 
 def reference_solution(loaded, labels: torch.Tensor, seeds: list[int], guidance_scale: float, steps: int, batch: int,
@@ -249,14 +252,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace, command: str = "python -m fastdiff.solver_error") -> int:
-    from .models.pretrained import PRETRAINED, load_from_file, load_pretrained
+    from .command_options import load_diffusion_model
 
     out = Path(args.out)
     if out.suffix != ".md":
         raise ValueError(f"--out must end in .md (the plot and JSON go beside it), got {str(out)!r}")
     device = torch.device(args.device)
-    loaded = load_pretrained(args.model, device=device) if args.model in PRETRAINED else \
-        load_from_file(args.model, device=device)
+    loaded = load_diffusion_model(args.model, device)
     if loaded.num_classes is None or loaded.schedule is None:
         raise ValueError(f"--model {args.model!r}: solver error needs a class-conditional diffusion model")
     options = dict(solvers=_list("--solvers", args.solvers, str), grids=_list("--grids", args.grids, str),
@@ -270,7 +272,7 @@ def main(args: argparse.Namespace, command: str = "python -m fastdiff.solver_err
     device_name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)" \
         if device.type == "cpu" else torch.cuda.get_device_name(device)
     header = {"model": args.model, "samples": f"{args.num_samples} (seeds 0..{args.num_samples - 1}, seed i "
-              f"gets class i % {loaded.num_classes})", "sampler options": loaded.sampler_options(),
+              f"gets class i % {loaded.num_classes})", "sampler options (ddim's)": loaded.sampler_options("ddim"),
               "device": device_name, "torch": torch.__version__, "total time": f"{total / 60:.1f} min",
               "command": f"{command} --solvers {args.solvers} --grids {args.grids} --nfes {args.nfes} "
                          f"--guidance-scales {args.guidance_scales} --num-samples {args.num_samples} "
@@ -280,6 +282,34 @@ def main(args: argparse.Namespace, command: str = "python -m fastdiff.solver_err
     wrote = write_plot(cells, references, plot, f"{args.model}: solver error, {args.num_samples} samples, {device_name}")
     print(f"wrote {out}, {out.with_suffix('.json')}" + (f" and {plot}" if wrote else "") + f" in {total / 60:.1f} min")
     return 0
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    """`fastdiff eval --solver-error`: its own options; eval's --solvers, --nfes and --num-samples
+    apply when given (their defaults are the quality run's, so unless given this run takes its own)."""
+    g = p.add_argument_group("solver error (--solver-error)")
+    g.add_argument("--solver-error", action="store_true",
+                   help="instead of sample quality: each deterministic solver's distance from the converged "
+                        f"probability-flow solution (default: {', '.join(SOLVERS)} at NFE "
+                        f"{','.join(map(str, NFES))}, 40 samples; out solver-error-<model>.md)")
+    g.add_argument("--grids", default=",".join(GRIDS), help="with --solver-error (default %(default)s)")
+    g.add_argument("--guidance-scales", default=",".join(f"{w:g}" for w in GUIDANCE_SCALES),
+                   help="with --solver-error (default %(default)s)")
+    g.add_argument("--reference-steps", type=int, default=500,
+                   help="with --solver-error: heun steps of the reference (default %(default)s)")
+    p.set_defaults(quality_defaults={k: p.get_default(k) for k in ("solvers", "nfes", "num_samples")})
+
+
+def eval_main(args: argparse.Namespace) -> int:
+    from .command_options import resolve_device
+
+    given = {k: getattr(args, k) for k, v in args.quality_defaults.items() if getattr(args, k) != v}
+    run = argparse.Namespace(
+        model=args.model, solvers=given.get("solvers", ",".join(SOLVERS)), grids=args.grids,
+        nfes=given.get("nfes", ",".join(map(str, NFES))), guidance_scales=args.guidance_scales,
+        num_samples=given.get("num_samples", 40), reference_steps=args.reference_steps, batch=args.batch,
+        out=args.out or f"solver-error-{Path(args.model).stem}.md", device=str(resolve_device(args.device)))
+    return main(run, command="fastdiff eval --solver-error")
 
 
 if __name__ == "__main__":

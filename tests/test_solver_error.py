@@ -96,3 +96,20 @@ def test_quality_cell_specs():
                       ("ddim@10+eta=1", "option")):
         with pytest.raises(ValueError, match=name):
             parse_cell(bad)
+
+
+def test_eval_solver_error_command(tmp_path, capsys):
+    import json
+
+    from fastdiff.cli import main
+
+    out = tmp_path / "se.md"
+    code = main(["eval", "--solver-error", "--solvers", "ddim", "--grids", "trailing", "--nfes", "2",
+                 "--guidance-scales", "1", "--num-samples", "2", "--reference-steps", "4", "--device", "cpu",
+                 "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert [(c["solver"], c["grid"], c["nfe"]) for c in result["cells"]] == [("ddim", "trailing", 2)]
+    assert result["header"]["command"].startswith("fastdiff eval --solver-error --solvers ddim")
+    assert main(["eval", "--solver-error", "--solvers", "dpmpp_2m_sde", "--out", str(out)]) == 2
+    assert "deterministic" in capsys.readouterr().err
