@@ -126,4 +126,4 @@ def test_training_ships_the_ema_of_the_weight_sequence(tmp_path, monkeypatch):
     for got, expected in zip(result.model.parameters(), want):
         torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
     assert not all(torch.equal(a, b) for a, b in zip(result.model.parameters(), snapshots[-1]))  # not the raw model
-    assert load_from_file(tmp_path / "digits.safetensors").metadata["training"]["ema_decay"] == decay
+    assert load_pretrained(tmp_path / "digits.safetensors").metadata["training"]["ema_decay"] == decay
