@@ -20,7 +20,7 @@ from . import rng, runners
 from .devices import on_device
 from .executors import EXECUTORS, resolve_backend
 from .grids import SIGMA_GRIDS, SPACINGS, make_grid
-from .guidance import Thresholding
+from .guidance import Thresholding, check_guidance_interval, row_guidance
 from .loop import Loop, LoopBuffers
 from .noising import noise_to_level
 from .rng import STREAM_INIT
@@ -79,7 +79,7 @@ class Sampler:
                  lower_order_final: bool = True, final_alpha_cumprod: float = 1.0, clip_sample: bool = False,
                  clip_range: float = 1.0, thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
                  sample_max_value: float = 1.0, use_clipped_model_output: bool = False,
-                 guidance_rescale: float = 0.0, classifier=None,
+                 guidance_rescale: float = 0.0, guidance_interval=None, classifier=None,
                  classifier_scale: float = 1.0, corrector: str | None = None, corrector_steps: int = 1,
                  snr: float = 0.16, backend: str = "auto", graph="auto", compile: bool = False,
                  max_graphs: int = 4, device=None, dtype: torch.dtype | None = None):
@@ -113,6 +113,9 @@ class Sampler:
         if not isinstance(max_graphs, int) or max_graphs < 1:
             raise ValueError(f"max_graphs must be a positive integer, got {max_graphs!r}")
         self._check_guidance_scale(guidance_scale)
+        self.guidance_interval = check_guidance_interval(guidance_interval)
+        if self.guidance_interval is not None and guidance_scale is None:
+            raise ValueError("guidance_interval needs a guidance_scale (it says where guidance applies)")
         self.model, self.schedule = model, schedule
         self.guidance_scale = guidance_scale
         self.threshold = Thresholding(
@@ -169,31 +172,51 @@ class Sampler:
     # ---- sampling -------------------------------------------------------------------
     @staticmethod
     def _check_guidance_scale(w):
-        if w is None:
+        if w is None or callable(w):  # a schedule f(sigma): its values are checked per row (row_guidance)
             return
         if torch.is_tensor(w):
             if not bool(torch.isfinite(w).all()):
                 raise ValueError("guidance_scale must be finite")
             return
         if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w):
-            raise ValueError(f"guidance_scale must be a finite number or a [B] tensor, got {w!r}")
+            raise ValueError(f"guidance_scale must be a finite number, a [B] tensor or a callable f(sigma) -> "
+                             f"float, got {w!r}")
+
+    def _guidance(self, given):
+        """(schedule, scale) from the Sampler's and sample()'s guidance_scale: a callable is a
+        schedule, a number or [B] tensor a scale; they multiply, and a sample() value replaces
+        the Sampler's of its kind. A schedule alone has scale 1."""
+        self._check_guidance_scale(given)
+        values = [self.guidance_scale, given]
+        schedule = next((w for w in reversed(values) if callable(w)), None)
+        scale = next((w for w in reversed(values) if w is not None and not callable(w)), None)
+        return schedule, (1.0 if scale is None and schedule is not None else scale)
 
     @torch.no_grad()
     def sample(self, noise: torch.Tensor | None = None, *, shape=None, seeds=None, cond: dict | None = None,
-               uncond: dict | None = None, guidance_scale=None, init: torch.Tensor | None = None,
+               uncond: dict | None = None, guidance_scale=None, guidance_interval=None, init: torch.Tensor | None = None,
                strength: float | None = None, progress: bool = False) -> torch.Tensor:
         """Draw samples; returns float32 [B, *S] in data units (see the class docstring).
 
         noise: x_T ~ N(0, I) (scaled by init_noise_sigma here); or shape + seeds, from which
         noise is drawn per sample.  cond/uncond: model keyword arguments batched along dim 0;
         with uncond and a guidance scale, one batched [uncond; cond] call per step.
+        guidance_scale: a number, a [B] tensor (per sample) or a callable f(sigma) -> float (a
+        schedule over the model-call VE sigma, evaluated once per row on the host); a schedule
+        and a scale multiply (the Sampler's schedule times sample()'s scale, or the reverse).
+        guidance_interval=(lo, hi): guide only rows whose model-call sigma lies in [lo, hi];
+        elsewhere the weight is 1 and the model sees the conditional half only ([B], not [2B]).
+        Rows whose weight the host knows to be exactly 1 (a schedule's value times a number
+        scale) skip the unconditional half too; a [B] tensor scale keeps its rows [2B].
         init + strength: img2img/SDEdit, starting from init noised to the strength's level.
         """
         x_T, seeds = self._initial_noise(noise, shape, seeds)
         B = x_T.shape[0]
-        w = self.guidance_scale if guidance_scale is None else guidance_scale
-        self._check_guidance_scale(w)
-        cfg = self._check_conditioning(cond, uncond, w, B)
+        schedule, scale = self._guidance(guidance_scale)
+        interval = self.guidance_interval if guidance_interval is None else check_guidance_interval(guidance_interval)
+        cfg = self._check_conditioning(cond, uncond, scale, B)
+        if interval is not None and not cfg:
+            raise ValueError("guidance_interval needs classifier-free guidance (a guidance_scale and uncond=)")
         start = self._start_step(init, strength, x_T)
         table = self._tables.get(start) or self._tables.setdefault(start, self._table(start))
         if init is None:
@@ -205,13 +228,17 @@ class Sampler:
             if table.space == "ve":
                 x0 = x0 / math.sqrt(float(self.grid.abar[start]))
         kwargs = _batched_kwargs(cond, uncond, cfg, B, self.device)
-        cfg_w = None
+        cfg_w, guided = None, (False,) * table.rows
         if cfg:
-            w_t = torch.as_tensor(w, dtype=torch.float32, device=self.device).reshape(-1)
-            if w_t.numel() not in (1, B):
-                raise ValueError(f"guidance_scale must be a number or have {B} entries, got {w_t.numel()}")
-            cfg_w = w_t.expand(B)[None].expand(table.rows, B)
-        runner = self._runner(table, start, B, tuple(x_T.shape[1:]), cfg, kwargs)
+            s_b = torch.as_tensor(scale if torch.is_tensor(scale) else 1.0, dtype=torch.float32,
+                                  device=self.device).reshape(-1)
+            if s_b.numel() not in (1, B):
+                raise ValueError(f"guidance_scale must be a number or have {B} entries, got {s_b.numel()}")
+            rows = row_guidance(table.sigma.tolist(), schedule, scale, interval)
+            guided = tuple(f is not None for f in rows)
+            f_r = torch.tensor([1.0 if f is None else f for f in rows], dtype=torch.float32, device=self.device)
+            cfg_w = f_r[:, None] * s_b.expand(B)[None]  # [R, B]; unguided rows' weights are never read
+        runner = self._runner(table, start, B, tuple(x_T.shape[1:]), cfg, kwargs, guided)
         with on_device(self.device):  # streams, capture and launches go to the current GPU
             return runner.run(x0, seeds, cfg_w, kwargs, progress)
 
@@ -272,12 +299,13 @@ class Sampler:
         return self.model if self._compiled_model is None else self._compiled_model  # no truth test: an
         # OptimizedModule forwards len() to the model, which raises for most nn.Modules
 
-    def _runner(self, table, start, B, sample_shape, cfg, kwargs):
-        key = (start, B, sample_shape, self.dtype, cfg, tuple((k, v.shape, v.dtype) for k, v in kwargs.items()))
+    def _runner(self, table, start, B, sample_shape, cfg, kwargs, guided):
+        key = (start, B, sample_shape, self.dtype, cfg, guided,
+               tuple((k, v.shape, v.dtype) for k, v in kwargs.items()))
         if key in self._runners:
             self._runners.move_to_end(key)
             return self._runners[key]
-        bufs = LoopBuffers(table, B, sample_shape, self.dtype, self.device, cfg)
+        bufs = LoopBuffers(table, B, sample_shape, self.dtype, self.device, cfg, guided)
         executor = EXECUTORS[self.backend](table, bufs, self.threshold, self.guidance_rescale)
         loop = Loop(self._model(), table, bufs, executor, classifier=self.classifier,
                     classifier_scale=self.classifier_scale)
