@@ -50,7 +50,7 @@ class TorchExecutor:
         slots, dest = self.layout[r]
         values = [b.x, D, D_raw] + [b.history[s] for s in slots] + [None] * (3 - len(slots)) + [None]
         if self.noisy[r]:
-            values[Z] = rng.randn(b.seeds, r, STREAM_STEP, b.x.shape[1:], device=b.x.device)
+            values[Z] = rng.randn(b.seeds, self.table.noise_counter(r), STREAM_STEP, b.x.shape[1:], device=b.x.device)
         x_next = _affine(self.state[r], values)
         p_next = _affine(self.point[r], values) if self.point is not None else x_next
         if dest is not None:
@@ -112,7 +112,7 @@ class TritonExecutor(TorchExecutor):
             push_dest=b.history[dest] if dest is not None else None,
             model_in=self._next_model_in(r), cfg_w=b.cfg_w[r] if b.guided[r] else None, seeds=b.seeds,
             clip=self.threshold.clip if self.threshold.dynamic_ratio is None else None,
-            thresh=thresh, out_scale=out_scale, noise=bool(self.noisy[r]),
+            thresh=thresh, out_scale=out_scale, noise=bool(self.noisy[r]), noise_counter=self.table.noise_counter(r),
         )
 
 

@@ -23,7 +23,7 @@ from .grids import SIGMA_GRIDS, SPACINGS, make_grid
 from .guidance import Thresholding, check_guidance_interval, row_guidance
 from .loop import Loop, LoopBuffers
 from .noising import noise_to_level
-from .rng import STREAM_INIT
+from .rng import STREAM_INIT, STREAM_STEP
 from .schedules import Schedule
 from .seeds import as_seeds
 from .solvers import STRIDE_PREV, build_table, check_solver, langevin, solver_options
@@ -43,7 +43,7 @@ def _default(name: str):
     return inspect.signature(Sampler.__init__).parameters[name].default
 
 
-def _solver_options(solver: str, spacing: str, given: dict) -> dict:
+def _solver_options(solver: str, spacing: str, schedule: Schedule, given: dict) -> dict:
     """The keywords for `solver`'s table builder; a non-default option it does not use is an error."""
     takes = solver_options(solver)
     for name, value in given.items():
@@ -53,6 +53,8 @@ def _solver_options(solver: str, spacing: str, given: dict) -> dict:
     options = {k: v for k, v in given.items() if k in takes}
     if "spacing" in takes:  # the grid's spacing, which the Euler family's initial sigma depends on
         options["spacing"] = spacing
+    if "t_at" in takes:  # the model timestep at a level off the grid (churn's sigma_hat)
+        options["t_at"] = schedule.t_at
     return options
 
 
@@ -81,7 +83,8 @@ class Sampler:
                  sample_max_value: float = 1.0, use_clipped_model_output: bool = False,
                  guidance_rescale: float = 0.0, guidance_interval=None, classifier=None,
                  classifier_scale: float = 1.0, corrector: str | None = None, corrector_steps: int = 1,
-                 snr: float = 0.16, backend: str = "auto", graph="auto", compile: bool = False,
+                 snr: float = 0.16, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf,
+                 s_noise: float = 1.0, churn_variant: str = "edm", backend: str = "auto", graph="auto", compile: bool = False,
                  max_graphs: int = 4, device=None, dtype: torch.dtype | None = None):
         if not isinstance(schedule, Schedule):
             raise ValueError(f"schedule must be a fastdiff.Schedule, got {type(schedule).__name__}")
@@ -127,9 +130,10 @@ class Sampler:
                               steps_offset=steps_offset, sigmas=sigmas, rho=rho, final_abar=final_alpha_cumprod,
                               stride_prev=solver in STRIDE_PREV and sigmas is None, timesteps=timesteps)
         self.steps = self.grid.steps
-        self._options = _solver_options(solver, spacing, dict(
+        self._options = _solver_options(solver, spacing, schedule, dict(
             eta=eta, variance=variance, solver_order=solver_order, lower_order_final=lower_order_final,
-            use_clipped_model_output=use_clipped_model_output))
+            use_clipped_model_output=use_clipped_model_output, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax,
+            s_noise=s_noise, churn_variant=churn_variant))
         if corrector is None and (corrector_steps, snr) != (_default("corrector_steps"), _default("snr")):
             raise ValueError(f"corrector_steps={corrector_steps!r} and snr={snr!r} set the corrector; "
                              "they need corrector='langevin'")
@@ -227,6 +231,8 @@ class Sampler:
             x0 = noise_to_level(init.to(self.device, torch.float32), abar, noise=x_T)
             if table.space == "ve":
                 x0 = x0 / math.sqrt(float(self.grid.abar[start]))
+        if table.init_churn:  # the first step's re-heating, before the first model call (StepTable.noise_ahead)
+            x0 = x0 + table.init_churn * rng.randn(seeds, 0, STREAM_STEP, x0.shape[1:], device=self.device)
         kwargs = _batched_kwargs(cond, uncond, cfg, B, self.device)
         cfg_w, guided = None, (False,) * table.rows
         if cfg:

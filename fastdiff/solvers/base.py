@@ -73,11 +73,15 @@ class TableBuilder:
     init_noise_sigma: float = 1.0
     history_len: int = 0
     separate_point: bool = False
+    noise_ahead: bool = False  # see StepTable.noise_ahead
+    init_churn: float = 0.0
     rows: list = field(default_factory=list)
 
     def add(self, t: float, abar: float, state: list[float], point: list[float] | None = None,
-            push: bool = False, ends_step: bool = True) -> None:
-        c_in, d_point, d_out = conversion(self.prediction, self.space, abar)
+            push: bool = False, ends_step: bool = True, d_out: float | None = None) -> None:
+        """d_out: D per unit of model output when it is not the level's own (diffusers' churned Euler)."""
+        c_in, d_point, d_level = conversion(self.prediction, self.space, abar)
+        d_out = d_level if d_out is None else d_out
         sigma_ve = math.sqrt((1 - abar) / abar) if abar > 0 else math.inf
         if point is not None and not self.separate_point:
             raise AssertionError("point rows need separate_point=True")
@@ -96,6 +100,7 @@ class TableBuilder:
             point=torch.tensor(col[6], dtype=F64) if self.separate_point else None,
             push=torch.tensor(col[7], dtype=torch.bool), init_noise_sigma=float(self.init_noise_sigma),
             history_len=self.history_len, ends_step=torch.tensor(col[8], dtype=torch.bool),
+            noise_ahead=self.noise_ahead, init_churn=float(self.init_churn),
         )
 
 
