@@ -8,7 +8,9 @@ same seeds in every cell), then judge them with the shipped digits classifier:
 heun evaluates the model twice per step except the last, so a budget of nfe evaluations
 runs (nfe + 1) // 2 steps (2 * steps - 1 evaluations: 9 for a budget of 10). The tables are
 by budget; the plot and the per-cell table use the sampler's own count. Writes a markdown
-table and a PNG plot.
+table and a PNG plot. Each --guidance-interval LO,HI adds a row per solver guided only where
+the model-call sigma lies in [LO, HI]; "model rows" counts the model's per-sample work (a
+guided call evaluates two rows per sample, [uncond; cond], an unguided one row).
 """
 from __future__ import annotations
 
@@ -36,6 +38,14 @@ class Cell:
     fd: float
     seconds: float
     samples: int
+    interval: tuple[float, float] | None = None  # guidance interval (VE sigma), None: every step guided
+    model_rows: int = 0  # model rows evaluated per sample (a guided call counts its two halves)
+
+    @property
+    def label(self) -> str:
+        if self.interval is None:
+            return self.solver
+        return f"{self.solver}, guided for sigma in [{self.interval[0]:g}, {self.interval[1]:g}]"
 
 
 def steps_for_nfe(solver: str, nfe: int) -> int:
@@ -89,8 +99,8 @@ def real_digits_floor(judge: Judge, n: int, seed: int = 0) -> tuple[float, float
 
 
 def sample_cell(loaded, solver: str, nfe: int, num_samples: int, batch: int, guidance_scale: float,
-                device: torch.device, backend: str):
-    """num_samples class-conditional samples from one (solver, NFE) setting."""
+                device: torch.device, backend: str, interval=None):
+    """num_samples class-conditional samples from one (solver, NFE, guidance interval) setting."""
     from .sampler import Sampler
 
     meta = loaded.metadata
@@ -105,33 +115,39 @@ def sample_cell(loaded, solver: str, nfe: int, num_samples: int, batch: int, gui
         uncond = {"class_labels": torch.full_like(y, null_class)} if guided else None
         chunks.append(sampler.sample(shape=(len(y), *meta["image_shape"]), seeds=list(range(lo, lo + len(y))),
                                      cond={"class_labels": y}, uncond=uncond,
-                                     guidance_scale=guidance_scale if guided else None).cpu())
+                                     guidance_scale=guidance_scale if guided else None,
+                                     guidance_interval=interval if guided else None).cpu())
     return torch.cat(chunks), labels, sampler
 
 
-def evaluate(loaded, judge: Judge, cells: list[tuple[str, int]], *, num_samples: int, batch: int,
+def evaluate(loaded, judge: Judge, cells: list[tuple], *, num_samples: int, batch: int,
              guidance_scale: float, device: torch.device, backend: str = "auto", progress: bool = True) -> list[Cell]:
     from tqdm.auto import tqdm
 
     results = []
     bar = tqdm(cells, desc="eval", disable=not progress, dynamic_ncols=True)
-    for solver, nfe in bar:
+    for solver, nfe, *interval in bar:  # (solver, nfe) or (solver, nfe, (lo, hi))
+        interval = interval[0] if interval else None
         bar.set_postfix_str(f"{solver} @ {nfe}")
         start = time.perf_counter()
         images, labels, sampler = sample_cell(loaded, solver, nfe, num_samples, batch, guidance_scale, device,
-                                              backend)
+                                              backend, interval)
         seconds = time.perf_counter() - start
         accuracy, fd = judge(images, labels)
-        results.append(Cell(solver, nfe, sampler.num_model_evals, sampler.steps, accuracy, fd, seconds, num_samples))
-        bar.write(f"{solver:>16} NFE {sampler.num_model_evals:>4}: accuracy {accuracy:.3f}  FD {fd:8.3f}  "
-                  f"({seconds:.0f} s)")
+        from .sample_cmd import model_rows
+
+        cell = Cell(solver, nfe, sampler.num_model_evals, sampler.steps, accuracy, fd, seconds, num_samples,
+                    interval, model_rows(sampler, guidance_scale, interval))
+        results.append(cell)
+        bar.write(f"{cell.label:>16} NFE {cell.nfe:>4} ({cell.model_rows} model rows): accuracy {accuracy:.3f}  "
+                  f"FD {fd:8.3f}  ({seconds:.0f} s)")
     return results
 
 
 def write_markdown(results: list[Cell], path: Path, header: dict, floor: tuple[float, float]) -> None:
-    solvers = list(dict.fromkeys(c.solver for c in results))
+    solvers = list(dict.fromkeys(c.label for c in results))
     nfes = sorted({c.budget for c in results})
-    by = {(c.solver, c.budget): c for c in results}
+    by = {(c.label, c.budget): c for c in results}
     lines = ["# Sample quality on the digits: classifier accuracy and Fréchet distance vs model evaluations", ""]
     lines += [f"- {k}: {v}" for k, v in header.items()]
     lines += [(f"- real digits ({header['samples per cell']} drawn at random): accuracy {floor[0]:.3f}, "
@@ -143,10 +159,12 @@ def write_markdown(results: list[Cell], path: Path, header: dict, floor: tuple[f
         for s in solvers:
             lines.append(f"| {s} | " + " | ".join(fmt(by[s, n]) if (s, n) in by else "" for n in nfes) + " |")
         lines.append("")
-    lines += ["## Every cell", "", "| solver | NFE budget | NFE | steps | samples | accuracy | FD | seconds |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {c.solver} | {c.budget} | {c.nfe} | {c.steps} | {c.samples} | {c.accuracy:.3f} | {c.fd:.3f} "
-              f"| {c.seconds:.1f} |" for c in results]
+    lines += ["## Every cell", "", "model rows: model evaluations per sample counting both halves of a guided "
+              "call ([uncond; cond]).", "",
+              "| solver | NFE budget | NFE | steps | samples | accuracy | FD | seconds | model rows |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {c.label} | {c.budget} | {c.nfe} | {c.steps} | {c.samples} | {c.accuracy:.3f} | {c.fd:.3f} "
+              f"| {c.seconds:.1f} | {c.model_rows} |" for c in results]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
 
@@ -164,8 +182,8 @@ def write_plot(results: list[Cell], path: Path, floor: tuple[float, float], titl
 
     fig, (ax_fd, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
     markers, styles = "os^vDP*X", ("-", "--", ":", "-.")  # solvers that coincide (ddim/euler) stay visible
-    for i, solver in enumerate(dict.fromkeys(c.solver for c in results)):
-        cells = sorted((c for c in results if c.solver == solver), key=lambda c: c.nfe)
+    for i, solver in enumerate(dict.fromkeys(c.label for c in results)):
+        cells = sorted((c for c in results if c.label == solver), key=lambda c: c.nfe)
         style = {"marker": markers[i % len(markers)], "ls": styles[i % len(styles)], "ms": 5, "label": solver}
         ax_fd.plot([c.nfe for c in cells], [c.fd for c in cells], **style)
         ax_acc.plot([c.nfe for c in cells], [c.accuracy for c in cells], **style)
@@ -198,10 +216,11 @@ def _int_list(name: str, text: str) -> list[int]:
     return values
 
 
-def plan_cells(solvers: list[str], nfes: list[int], extra: bool) -> list[tuple[str, int]]:
+def plan_cells(solvers: list[str], nfes: list[int], extra: bool, intervals=()) -> list[tuple]:
     cells = [(s, n) for s in solvers for n in nfes]
     if extra:
         cells += [c for c in EXTRA_CELLS if c[0] in solvers and c not in cells]
+    cells += [(s, n, iv) for iv in intervals for s in solvers for n in nfes]
     return cells
 
 
@@ -214,6 +233,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-samples", type=int, default=500, help="samples per cell (default %(default)s)")
     p.add_argument("--batch", type=int, default=250, help="samples per sampler call (default %(default)s)")
     p.add_argument("--guidance-scale", type=float, default=3.0, help="default %(default)s")
+    p.add_argument("--guidance-interval", action="append", default=[], metavar="LO,HI",
+                   help="also evaluate guidance only where LO <= sigma <= HI (VE sigma of the model call; "
+                        "elsewhere the conditional half alone); repeat for more rows")
     p.add_argument("--out", default=DEFAULT_OUT, help="markdown table; the plot goes beside it as .png "
                    "(default %(default)s)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
@@ -223,13 +245,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from .models.pretrained import PRETRAINED, load_from_file, load_pretrained
-    from .sample_cmd import resolve_device
+    from .sample_cmd import parse_guidance_interval, resolve_device
     from .solvers import check_solver
 
     solvers = [check_solver(s.strip()) for s in args.solvers.split(",") if s.strip()]
     if not solvers:
         raise ValueError(f"--solvers must name at least one solver; allowed: {', '.join(SOLVERS)}")
     nfes = _int_list("--nfes", args.nfes)
+    intervals = [parse_guidance_interval(text) for text in args.guidance_interval]
+    if intervals and args.guidance_scale == 1.0:
+        raise ValueError("--guidance-interval needs guidance (--guidance-scale other than 1)")
     for name in ("num_samples", "batch"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -243,7 +268,7 @@ def main(args: argparse.Namespace) -> int:
     if loaded.metadata.get("num_classes") is None or loaded.schedule is None:
         raise ValueError(f"--model {args.model!r}: eval needs a class-conditional diffusion model")
     judge = Judge(device)
-    cells = plan_cells(solvers, nfes, extra=not args.no_ddpm_1000)
+    cells = plan_cells(solvers, nfes, extra=not args.no_ddpm_1000, intervals=intervals)
 
     start = time.perf_counter()
     results = evaluate(loaded, judge, cells, num_samples=args.num_samples, batch=args.batch,
@@ -261,7 +286,9 @@ def main(args: argparse.Namespace) -> int:
         "command": "fastdiff eval " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in
                                                (("solvers", args.solvers), ("nfes", args.nfes),
                                                 ("num_samples", args.num_samples),
-                                                ("guidance_scale", args.guidance_scale))),
+                                                ("guidance_scale", args.guidance_scale),
+                                                *(("guidance_interval", t) for t in args.guidance_interval)))
+        + (" --no-ddpm-1000" if args.no_ddpm_1000 else ""),
     }
     write_markdown(results, out, header, floor)
     plot = out.with_suffix(".png")

@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE,
                    help="classifier-free guidance scale w: out = u + w (c - u); 1 is the conditional model alone "
                         "(one model call per step) (default %(default)s)")
+    p.add_argument("--guidance-interval", default=None, metavar="LO,HI",
+                   help="guide only the steps whose model-call VE sigma lies in [LO, HI]; elsewhere the model "
+                        "sees the conditional half alone (default: every step)")
     p.add_argument("--classes", default=None, help="comma-separated class ids, one row each (default: all)")
     p.add_argument("--per-class", type=int, default=DEFAULT_PER_CLASS, help="samples per row (default %(default)s)")
     p.add_argument("--seeds", default=None,
@@ -68,6 +71,32 @@ def parse_classes(text: str | None, num_classes: int | None) -> list[int] | None
     if bad or not classes:
         raise ValueError(f"--classes: {bad or text!r} out of range; allowed: 0..{num_classes - 1}")
     return classes
+
+
+def parse_guidance_interval(text: str) -> tuple[float, float]:
+    """'LO,HI' -> (lo, hi), checked by guidance.check_guidance_interval (--guidance-interval)."""
+    from .guidance import check_guidance_interval
+
+    parts = text.split(",")
+    try:
+        values = tuple(float(v) for v in parts)
+    except ValueError:
+        values = None
+    if values is None or len(values) != 2:
+        raise ValueError(f"--guidance-interval must be LO,HI (two VE sigmas), got {text!r}")
+    try:
+        return check_guidance_interval(values)
+    except ValueError as e:
+        raise ValueError(f"--guidance-interval {text!r}: {e}") from None
+
+
+def model_rows(sampler, guidance_scale: float, interval) -> int:
+    """Model rows per sample: 2 for each guided row ([uncond; cond]), else 1 (guidance.row_guidance's rule,
+    the one the sampler applies)."""
+    from .guidance import row_guidance
+
+    rows = row_guidance(sampler.table.sigma.tolist(), None, guidance_scale, interval)
+    return sum(1 if f is None else 2 for f in rows)
 
 
 def check_writable(out: Path) -> None:
@@ -135,6 +164,10 @@ def main(args: argparse.Namespace) -> int:
 
     w = args.guidance_scale
     guided = classes is not None and w != 1.0  # w = 1 is exactly the conditional model: skip the uncond half
+    interval = parse_guidance_interval(args.guidance_interval) if args.guidance_interval is not None else None
+    if interval is not None and not guided:
+        raise ValueError("--guidance-interval needs guidance: a class-conditional model and --guidance-scale "
+                         "other than 1")
     sampler = Sampler(loaded.model, loaded.schedule, solver=args.solver, steps=args.steps,
                       backend=args.backend, device=device, **loaded.sampler_options())
     cond = uncond = None
@@ -149,7 +182,8 @@ def main(args: argparse.Namespace) -> int:
         torch.cuda.synchronize(device)
     start = time.perf_counter()
     x = sampler.sample(shape=shape, seeds=seeds, cond=cond, uncond=uncond,
-                       guidance_scale=w if guided else None, progress=not args.no_progress)
+                       guidance_scale=w if guided else None, guidance_interval=interval,
+                       progress=not args.no_progress)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
@@ -157,8 +191,15 @@ def main(args: argparse.Namespace) -> int:
     save_grid(x, rows, out, tuple(meta.get("data_range", (-1.0, 1.0))))
     evals = sampler.num_model_evals
     batch = n * (2 if guided else 1)
+    images = n * model_rows(sampler, w if guided else 1.0, interval)  # rows through the model, both halves
     print(f"wrote {out} ({rows} rows x {args.per_class}; {args.solver}, {sampler.steps} steps"
-          + (f", guidance {w:g}" if guided else "") + f", {device.type})")
-    print(f"sampling took {seconds:.2f} s: {evals / seconds:.1f} model evaluations/s "
-          f"({evals} evaluations of a batch of {batch}, {evals * batch / seconds:.0f} images/s through the model)")
+          + (f", guidance {w:g}" if guided else "")
+          + (f" for sigma in [{interval[0]:g}, {interval[1]:g}]" if interval else "") + f", {device.type})")
+    if interval is None:
+        print(f"sampling took {seconds:.2f} s: {evals / seconds:.1f} model evaluations/s "
+              f"({evals} evaluations of a batch of {batch}, {images / seconds:.0f} images/s through the model)")
+    else:
+        print(f"sampling took {seconds:.2f} s: {evals / seconds:.1f} model evaluations/s ({evals} evaluations "
+              f"of a batch of {n} or {batch}: {images // n} rows per sample, {images / seconds:.0f} images/s "
+              "through the model)")
     return 0

@@ -157,3 +157,50 @@ def test_one_graph_holds_both_batch_shapes_on_cuda(backend):
         got = graph.sample(shape=(B, 4, 8, 8), seeds=seeds, cond=cond, uncond=uncond, guidance_scale=scale)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert graph.num_cached_graphs == 1
+
+
+# ---- the command line: fastdiff sample / eval --guidance-interval ---------------------------
+def run_cli(capsys, *argv):
+    from fastdiff.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_sample_with_an_interval_counts_its_model_rows(tmp_path, capsys):
+    from fastdiff.models.pretrained import load_pretrained
+
+    code, out, err = run_cli(capsys, "sample", "--steps", 6, "--classes", "1,2", "--per-class", 1,
+                             "--guidance-interval", "0.28,5.42", "--out", tmp_path / "g.png", "--no-progress")
+    assert code == 0, err
+    loaded = load_pretrained("digits")
+    sigma = Sampler(loaded.model, loaded.schedule, steps=6, **loaded.sampler_options()).table.sigma.tolist()
+    rows = sum(2 if inside(s, (0.28, 5.42)) else 1 for s in sigma)
+    assert 6 < rows < 12 and f"{rows} rows per sample" in out and "for sigma in [0.28, 5.42]" in out
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["sample", "--guidance-interval", "5,1"], "--guidance-interval '5,1': guidance_interval must be"),
+    (["sample", "--guidance-interval", "0.3"], "--guidance-interval must be LO,HI"),
+    (["sample", "--guidance-interval", "0.3,5", "--guidance-scale", "1"], "--guidance-interval needs guidance"),
+    (["eval", "--guidance-interval=-1,5"], "guidance_interval must be"),
+    (["eval", "--guidance-interval", "0.3,5", "--guidance-scale", "1"], "--guidance-interval needs guidance"),
+])
+def test_cli_refuses_bad_intervals(capsys, argv, fragment):
+    code, _, err = run_cli(capsys, *argv, "--no-progress")
+    assert code == 2 and fragment in err
+
+
+def test_cli_eval_adds_a_row_per_interval(tmp_path, capsys):
+    out = tmp_path / "q.md"
+    code, stdout, err = run_cli(capsys, "eval", "--solvers", "dpmpp_2m", "--nfes", 3, "--num-samples", 10,
+                                "--batch", 10, "--no-ddpm-1000", "--guidance-interval", "0.5,20",
+                                "--out", out, "--no-progress")
+    assert code == 0, err
+    text = out.read_text()
+    assert "| dpmpp_2m | 3 | 3 | 3 | 10 |" in text  # full guidance: 6 model rows per sample
+    assert "| dpmpp_2m, guided for sigma in [0.5, 20] | 3 | 3 | 3 | 10 |" in text
+    rows = {line.split("|")[1].strip(): int(line.split("|")[-2]) for line in text.splitlines()
+            if line.startswith("| dpmpp_2m") and line.count("|") == 10}  # the every-cell table
+    assert rows["dpmpp_2m"] == 6 and 3 <= rows["dpmpp_2m, guided for sigma in [0.5, 20]"] < 6
