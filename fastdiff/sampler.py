@@ -116,9 +116,7 @@ class Sampler:
         if not isinstance(max_graphs, int) or max_graphs < 1:
             raise ValueError(f"max_graphs must be a positive integer, got {max_graphs!r}")
         self._check_guidance_scale(guidance_scale)
-        self.guidance_interval = check_guidance_interval(guidance_interval)
-        if self.guidance_interval is not None and guidance_scale is None:
-            raise ValueError("guidance_interval needs a guidance_scale (it says where guidance applies)")
+        self.guidance_interval = check_guidance_interval(guidance_interval)  # for every guided sample() call
         self.model, self.schedule = model, schedule
         self.guidance_scale = guidance_scale
         self.threshold = Thresholding(
@@ -217,10 +215,10 @@ class Sampler:
         x_T, seeds = self._initial_noise(noise, shape, seeds)
         B = x_T.shape[0]
         schedule, scale = self._guidance(guidance_scale)
-        interval = self.guidance_interval if guidance_interval is None else check_guidance_interval(guidance_interval)
         cfg = self._check_conditioning(cond, uncond, scale, B)
-        if interval is not None and not cfg:
+        if guidance_interval is not None and not cfg:
             raise ValueError("guidance_interval needs classifier-free guidance (a guidance_scale and uncond=)")
+        interval = self.guidance_interval if guidance_interval is None else check_guidance_interval(guidance_interval)
         start = self._start_step(init, strength, x_T)
         table = self._tables.get(start) or self._tables.setdefault(start, self._table(start))
         if init is None:

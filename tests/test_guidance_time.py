@@ -135,11 +135,11 @@ def test_bad_schedules_and_intervals_without_guidance_are_refused():
     sp, _ = sampler(guidance_scale=lambda s: "high")
     with pytest.raises(ValueError, match="guidance schedule must return a finite number"):
         sp.sample(shape=(B, *SHAPE), seeds=range(B), cond=COND, uncond=UNCOND)
-    with pytest.raises(ValueError, match="guidance_interval needs a guidance_scale"):
-        sampler(guidance_interval=INTERVAL)
-    sp, _ = sampler()
+    sp, spy = sampler(guidance_interval=INTERVAL)  # the Sampler's interval applies to guided calls only
+    sp.sample(shape=(B, *SHAPE), seeds=range(B), cond=COND)
+    assert spy.sizes == [B] * sp.table.rows
     with pytest.raises(ValueError, match="guidance_interval needs classifier-free guidance"):
-        sp.sample(shape=(B, *SHAPE), seeds=range(B), guidance_interval=INTERVAL)
+        sp.sample(shape=(B, *SHAPE), seeds=range(B), cond=COND, guidance_interval=INTERVAL)
 
 
 @pytest.mark.cuda
