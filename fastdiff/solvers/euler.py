@@ -80,24 +80,20 @@ def build_euler(grid: Grid, prediction: str, *, spacing: str = "trailing", s_chu
     if churn_variant not in CHURN_VARIANTS:
         raise ValueError(f"unknown churn_variant {churn_variant!r}; allowed: {', '.join(CHURN_VARIANTS)}")
     churned = _check_churn(s_churn, s_tmin, s_tmax, s_noise, t_at)
-    edm = churned and churn_variant == "edm"
+    diffusers = churned and churn_variant == "diffusers"
+    heat = [churn(s, len(rows), s_churn, s_tmin, s_tmax, s_noise) for _, _, s, _ in rows]  # (s, 0) without
     tb = TableBuilder("euler", "ve", prediction, init_noise_sigma=init_noise_sigma(rows[0][2], spacing),
-                      noise_ahead=edm)
-    heat = [churn(s, len(rows), s_churn, s_tmin, s_tmax, s_noise) for _, _, s, _ in rows]
-    if edm:
-        tb.init_churn = heat[0][1]
+                      noise_ahead=churned and not diffusers, init_churn=0.0 if diffusers else heat[0][1])
     for i, (t, abar, s, s_to) in enumerate(rows):
         s_hat, c = heat[i]
-        if not churned:
-            tb.add(t, abar, vec(x=s_to / s, D=1 - s_to / s))
-        elif edm:  # the model at (x_hat, s_hat); this row adds the next step's re-heating
-            c_next = heat[i + 1][1] if i + 1 < len(rows) else 0.0
-            t, abar = _level(t, abar, s, s_hat, t_at)
-            tb.add(t, abar, vec(x=s_to / s_hat, D=1 - s_to / s_hat, z=c_next))
-        else:  # diffusers: the model at (x, s), then x_hat = x + c z (this row's own z), see above
+        if diffusers:  # the model at (x, s), then x_hat = x + c z (this row's own z), see above
             k = (s_to - s_hat) / s_hat
             z = {"epsilon": 1.0, "sample": 1 + k, "v_prediction": 1 + k - k / (s * s + 1)}[prediction]
             tb.add(t, abar, vec(x=1 + k, D=-k, z=c * z), d_out=-s_hat if prediction == "epsilon" else None)
+        else:  # the model at (x_hat, s_hat); this row adds the next step's re-heating
+            c_next = heat[i + 1][1] if i + 1 < len(rows) else 0.0
+            t, abar = _level(t, abar, s, s_hat, t_at)
+            tb.add(t, abar, vec(x=s_to / s_hat, D=1 - s_to / s_hat, z=c_next))
     return tb
 
 
@@ -121,7 +117,7 @@ def build_heun(grid: Grid, prediction: str, *, spacing: str = "trailing", s_chur
     churned = _check_churn(s_churn, s_tmin, s_tmax, s_noise, t_at)
     tb = TableBuilder("heun", "ve", prediction, init_noise_sigma=init_noise_sigma(rows[0][2], spacing),
                       history_len=1, separate_point=True, noise_ahead=churned)
-    heat = [churn(s, len(rows), s_churn, s_tmin, s_tmax, s_noise) for _, _, s, _ in rows]
+    heat = [churn(s, len(rows), s_churn, s_tmin, s_tmax, s_noise) for _, _, s, _ in rows]  # (s, 0) without
     tb.init_churn = heat[0][1]
     for i, (t, abar, s, s_to) in enumerate(rows):
         t, abar = _level(t, abar, s, heat[i][0], t_at)
