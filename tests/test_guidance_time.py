@@ -135,6 +135,9 @@ def test_bad_schedules_and_intervals_without_guidance_are_refused():
     sp, _ = sampler(guidance_scale=lambda s: "high")
     with pytest.raises(ValueError, match="guidance schedule must return a finite number"):
         sp.sample(shape=(B, *SHAPE), seeds=range(B), cond=COND, uncond=UNCOND)
+    sp, _ = sampler(guidance_scale=ramp)
+    with pytest.raises(ValueError, match=f"guidance_scale must be a number or have {B} entries"):
+        sp.sample(shape=(B, *SHAPE), seeds=range(B), cond=COND, uncond=UNCOND, guidance_scale=torch.ones(B + 1))
     sp, spy = sampler(guidance_interval=INTERVAL)  # the Sampler's interval applies to guided calls only
     sp.sample(shape=(B, *SHAPE), seeds=range(B), cond=COND)
     assert spy.sizes == [B] * sp.table.rows
