@@ -13,7 +13,9 @@
     model-graph-compile     CUDA: the compiled model alone, `steps` calls in one graph: fastdiff-graph-compile's limit
 
 Models: on every device the digits model (8 samples, CFG 3, 20 steps, dpmpp_2m against
-DPMSolverMultistepScheduler, as `fastdiff sample`). On CUDA also the CIFAR10-shaped
+DPMSolverMultistepScheduler, as `fastdiff sample`), and a flow-matching loop over a no-op
+velocity model (8 x 16x32x32, euler 28 steps against FlowMatchEulerDiscreteScheduler, shift 3):
+each sampler's own work on a flow model. On CUDA also the CIFAR10-shaped
 UNet2DModel (b1 fp32, b64 fp16; 50 steps, ddpm against DDPMScheduler) and the SD1.5-shaped
 UNet2DConditionModel (b1, b8; CFG 7.5, fp16, 25 steps, dpmpp_2m against
 DPMSolverMultistepScheduler), random weights (timing does not depend on weights).
@@ -46,7 +48,8 @@ def cases(quick: bool):
     if quick:
         return [("digits-b2-fp32", lambda d: bench.digits_model(d, batch=2, steps=3), impls)]
     out = [("digits-b8-fp32", lambda d: bench.digits_model(d, batch=8, steps=20),
-            impls + (() if CUDA else CPU_COMPILE))]
+            impls + (() if CUDA else CPU_COMPILE)),
+           ("flow-noop-b8-fp32", lambda d: bench.flow_model(d), tuple(i for i in impls if not i.startswith("model")))]
     if CUDA:
         out += [
             ("cifar10-b1-fp32", lambda d: bench.cifar10_model(d, 1, f32, steps=50), impls),

@@ -7,7 +7,7 @@ from .grids import Grid, make_grid
 from .integrations import diffusers as _diffusers_integration  # noqa: F401  (attaches Sampler.from_diffusers)
 from .noising import add_noise
 from .sampler import Sampler
-from .schedules import Schedule
+from .schedules import FlowSchedule, Schedule
 from .solvers import SOLVERS
 
 __version__ = "0.1.0"
@@ -20,4 +20,4 @@ def load_pretrained(name: str = "digits", **kw):
     return _load(name, **kw)
 
 
-__all__ = ["Grid", "Sampler", "Schedule", "SOLVERS", "add_noise", "load_pretrained", "make_grid"]
+__all__ = ["FlowSchedule", "Grid", "Sampler", "Schedule", "SOLVERS", "add_noise", "load_pretrained", "make_grid"]

@@ -23,8 +23,8 @@ import torch
 # the cases, re-exported: benchmarks/ and the tests reach them as bench.<name>
 from .bench_cases import (  # noqa: F401
     BANDWIDTH_SHAPE, SCHEDULERS, STEP_SHAPES, LoopModel, _step_table, cifar10_model, diffusers_loop,
-    diffusers_step, digits_model, fastdiff_loop, fastdiff_step, model_alone, sd15_model,
-    step_bytes, with_compiled_model_in_diffusers_loop, without_model,
+    diffusers_scheduler, diffusers_step, digits_model, fastdiff_loop, fastdiff_step, flow_model, model_alone,
+    sd15_model, step_bytes, with_compiled_model_in_diffusers_loop, without_model,
 )
 
 

@@ -99,11 +99,12 @@ def fastdiff_step(solver: str, shape, cfg: bool, device, model_dtype, backend: s
 def diffusers_scheduler(solver: str, **config):
     import diffusers
 
-    if solver in ("ddim", "dpmpp_2m"):
+    name = config.pop("_class_name", SCHEDULERS[solver])  # a case may name its scheduler (flow matching)
+    if solver in ("ddim", "dpmpp_2m") and name == SCHEDULERS[solver]:
         config.setdefault("timestep_spacing", "trailing")
     if solver == "dpmpp_2m":
         config.setdefault("algorithm_type", "dpmsolver++")
-    return getattr(diffusers, SCHEDULERS[solver])(**config)
+    return getattr(diffusers, name)(**config)
 
 
 def diffusers_step(solver: str, shape, cfg: bool, device, dtype) -> StepCase:
@@ -175,7 +176,7 @@ class LoopModel:
     def info(self) -> dict:
         return {"case": self.name, "model": self.name.split("-b")[0], "batch": self.batch, "steps": self.steps,
                 "dtype": str(self.dtype).replace("torch.", ""), "cfg": self.cfg, "solver": self.solver,
-                "scheduler": SCHEDULERS[self.solver],
+                "scheduler": self.scheduler_config.get("_class_name", SCHEDULERS[self.solver]),
                 "sample_shape": list(self.sample_shape), "note": self.note}
 
 
@@ -263,6 +264,20 @@ class NoopDenoiser(torch.nn.Module):
         return x.clone()
 
 
+def flow_model(device, batch: int = 8, steps: int = 28, sample_shape=(16, 32, 32)) -> LoopModel:
+    """A flow-matching loop over a no-op velocity model: euler on Schedule.flow_matching(shift=3)
+    against FlowMatchEulerDiscreteScheduler (SD3's scheduler and step count), so what is timed is
+    each sampler's own work."""
+    from .schedules import Schedule
+
+    return LoopModel(f"flow-noop-b{batch}-fp32", NoopDenoiser(), lambda x, t: x.clone(),
+                     Schedule.flow_matching(shift=3.0),
+                     {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0},
+                     "euler", steps, batch, tuple(sample_shape), torch.float32,
+                     sampler_options={"prediction": "flow", "dtype": torch.float32},
+                     note="no-op velocity model: the samplers' own work")
+
+
 def without_model(lm: LoopModel) -> LoopModel:
     """The same loop with the model replaced by a no-op: times the sampler's own overhead
     directly, which a shared machine's noise hides when it is a percent of the model's time."""
@@ -302,14 +317,15 @@ def diffusers_loop(lm: LoopModel, device) -> Callable[[], torch.Tensor]:
     scale_model_input, the model, the CFG combine and scheduler.step; eager."""
     sch = diffusers_scheduler(lm.solver, **lm.scheduler_config)
     shape = (lm.batch, *lm.sample_shape)
+    scale = getattr(sch, "scale_model_input", lambda x, t: x)  # FlowMatch schedulers have none
 
     @torch.no_grad()
     def run():
         sch.set_timesteps(lm.steps, device=device)
-        latents = torch.randn(shape, device=device, dtype=lm.dtype) * sch.init_noise_sigma
+        latents = torch.randn(shape, device=device, dtype=lm.dtype) * getattr(sch, "init_noise_sigma", 1.0)
         for t in sch.timesteps:
             model_in = torch.cat([latents] * 2) if lm.cfg else latents
-            model_in = sch.scale_model_input(model_in, t)
+            model_in = scale(model_in, t)
             noise_pred = lm.diffusers_call(model_in, t)
             if lm.cfg:
                 u, c = noise_pred.chunk(2)

@@ -27,6 +27,7 @@ class TorchExecutor:
         self.point = table.point.tolist() if table.point is not None else None
         self.d_point, self.d_out, self.c_in = table.d_point.tolist(), table.d_out.tolist(), table.c_in.tolist()
         self.layout = history_slots(table)
+        self.push_row = table.push_row.tolist() if table.push_row is not None else None
         self.noisy = table.uses_noise().tolist()
 
     def guided(self, r: int, out: torch.Tensor) -> torch.Tensor:
@@ -54,7 +55,7 @@ class TorchExecutor:
         x_next = _affine(self.state[r], values)
         p_next = _affine(self.point[r], values) if self.point is not None else x_next
         if dest is not None:
-            b.history[dest].copy_(D)
+            b.history[dest].copy_(D if self.push_row is None else _affine(self.push_row[r], values))
         b.x.copy_(x_next)
         if self.point is not None:
             b.point.copy_(p_next)
@@ -74,12 +75,13 @@ def _affine(coefs: list[float], values: list) -> torch.Tensor:
 
 
 def packed_coefficients(table: StepTable, device) -> torch.Tensor:
-    """[R, 3 + 2*NCOL] float32: d_point, d_out, c_in of the next row, state row, point row."""
+    """[R, 3 + 3*NCOL] float32: d_point, d_out, c_in of the next row, state row, point row, push row."""
     R = table.rows
     c_in_next = torch.cat([table.c_in[1:], table.c_in.new_zeros(1)])
     point = table.point if table.point is not None else table.state
-    packed = torch.cat([table.d_point[:, None], table.d_out[:, None], c_in_next[:, None], table.state, point], dim=1)
-    assert packed.shape == (R, 3 + 2 * NCOL)
+    packed = torch.cat([table.d_point[:, None], table.d_out[:, None], c_in_next[:, None], table.state, point,
+                        table.push_rows()], dim=1)
+    assert packed.shape == (R, 3 + 3 * NCOL)
     return packed.to(device=device, dtype=torch.float32)
 
 

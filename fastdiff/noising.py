@@ -1,4 +1,5 @@
-"""Forward noising q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I), for img2img and training."""
+"""Forward noising q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I), for img2img and training;
+on a flow-matching schedule x_s = (1 - s) x_0 + s z at t = s * T (the same draw, rescaled)."""
 from __future__ import annotations
 
 import torch
@@ -6,7 +7,7 @@ import torch
 from . import rng
 from .executors import resolve_backend
 from .seeds import as_seeds
-from .schedules import Schedule
+from .schedules import Schedule, flow_sigma
 from .rng import STREAM_FORWARD
 
 
@@ -16,6 +17,11 @@ def _abar_per_sample(t, schedule: Schedule, batch: int) -> torch.Tensor:
         t = t.expand(batch)
     if t.shape != (batch,):
         raise ValueError(f"t must be a scalar or have shape [{batch}], got {tuple(t.shape)}")
+    if schedule.process == "flow":
+        T = schedule.num_train_timesteps
+        if bool(((t < 0) | (t >= T)).any()):
+            raise ValueError(f"t must lie in [0, {T}) on a flow schedule (t = s * T; s = 1 is pure noise)")
+        return schedule.alphas_cumprod_at(t.cpu()).to(t.device)
     abar_table = schedule.alphas_cumprod.to(t.device)
     if not torch.is_floating_point(t) or bool((t == t.round()).all()):
         T = schedule.num_train_timesteps
@@ -34,8 +40,12 @@ def add_noise(x0: torch.Tensor, t, schedule: Schedule, *, noise: torch.Tensor | 
     STREAM_FORWARD, element): the same on every device and batch composition.
     backend "triton" (the default on CUDA) draws z inside one fused kernel.
     """
-    return noise_to_level(x0, _abar_per_sample(t, schedule, x0.shape[0]), noise=noise, seeds=seeds, step=step,
-                          backend=backend)
+    abar = _abar_per_sample(t, schedule, x0.shape[0])
+    x_t = noise_to_level(x0, abar, noise=noise, seeds=seeds, step=step, backend=backend)
+    if schedule.process == "flow":  # VP x_t -> flow units: times 1 / (alpha + sigma) = sqrt((1 - s)^2 + s^2)
+        s = flow_sigma(abar)
+        x_t = (x_t.double() * ((1 - s) ** 2 + s**2).sqrt().reshape(-1, *([1] * (x0.ndim - 1)))).to(x0.dtype)
+    return x_t
 
 
 def noise_to_level(x0: torch.Tensor, abar, *, noise: torch.Tensor | None = None, seeds=None, step: int = 0,

@@ -3,9 +3,11 @@
     sampler = Sampler(model, Schedule.linear(), solver="dpmpp_2m", steps=20)
     x0 = sampler.sample(shape=(8, 3, 32, 32), seeds=range(8))
 
-`model(x, t, **kwargs)` gets x_t (variance-preserving units) and a float tensor t [B] of
-training timesteps and returns epsilon, v or x0 (`prediction`). The returned sample is in
-data units. A sample's result depends only on its seed, never on the batch around it.
+`model(x, t, **kwargs)` gets x_t (variance-preserving units; flow units x_s = (1 - s) x_0 +
+s eps for a Schedule.flow_matching one, with t = s * T) and a float tensor t [B] of training
+timesteps and returns epsilon, v or x0 (`prediction`; the velocity eps - x_0 for "flow").
+The returned sample is in data units (x_t / alpha_t when the grid ends above the data). A
+sample's result depends only on its seed, never on the batch around it.
 """
 from __future__ import annotations
 
@@ -24,10 +26,10 @@ from .guidance import Thresholding, check_guidance_interval, row_guidance
 from .loop import Loop, LoopBuffers
 from .noising import noise_to_level
 from .rng import STREAM_INIT, STREAM_STEP
-from .schedules import Schedule
+from .schedules import FlowSchedule, Schedule
 from .seeds import as_seeds
-from .solvers import STRIDE_PREV, build_table, check_solver, langevin, solver_options
-from .solvers.base import check_prediction
+from .solvers import STRIDE_PREV, build_table, check_flow_solver, check_solver, langevin, solver_options
+from .solvers.base import check_prediction, input_scale, process_coefficients
 from .solvers.ddpm import VARIANCES
 from .solvers.table import StepTable
 
@@ -50,7 +52,7 @@ def _solver_options(solver: str, spacing: str, schedule: Schedule, given: dict) 
         if name not in takes and value != _default(name) and (name, value) != _CLIPPED_OUTPUT_ALWAYS:
             raise ValueError(f"{name}={value!r} is not an option of solver {solver!r}; "
                              f"its options: {', '.join(takes)}")
-    options = {k: v for k, v in given.items() if k in takes}
+    options = {k: v for k, v in given.items() if k in takes and v is not None}  # None: the solver's default
     if "spacing" in takes:  # the grid's spacing, which the Euler family's initial sigma depends on
         options["spacing"] = spacing
     if "t_at" in takes:  # the model timestep at a level off the grid (churn's sigma_hat)
@@ -74,29 +76,44 @@ class Sampler:
     (imported with the package): the sampling layer does not import the integrations above it.
     """
 
-    def __init__(self, model, schedule: Schedule, solver: str = "dpmpp_2m", steps: int = 20,
-                 prediction: str = "epsilon", spacing: str = "trailing", eta: float = 0.0,
+    def __init__(self, model, schedule: Schedule | FlowSchedule, solver: str = "dpmpp_2m", steps: int = 20,
+                 prediction: str = "epsilon", spacing: str | None = None, eta: float = 0.0,
                  guidance_scale: float | None = None, *, steps_offset: int = 0, sigmas=None,
-                 rho: float = 7.0, timesteps=None, variance: str = "fixed_small", solver_order: int = 2,
+                 rho: float = 7.0, timesteps=None, variance: str = "fixed_small", solver_order: int | None = None,
                  lower_order_final: bool = True, final_alpha_cumprod: float = 1.0, clip_sample: bool = False,
                  clip_range: float = 1.0, thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
                  sample_max_value: float = 1.0, use_clipped_model_output: bool = False,
                  guidance_rescale: float = 0.0, guidance_interval=None, classifier=None,
                  classifier_scale: float = 1.0, corrector: str | None = None, corrector_steps: int = 1,
                  snr: float = 0.16, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf,
-                 s_noise: float = 1.0, churn_variant: str = "edm", backend: str = "auto", graph="auto", compile: bool = False,
-                 max_graphs: int = 4, device=None, dtype: torch.dtype | None = None):
-        if not isinstance(schedule, Schedule):
-            raise ValueError(f"schedule must be a fastdiff.Schedule, got {type(schedule).__name__}")
+                 s_noise: float = 1.0, churn_variant: str = "edm", backend: str = "auto", graph="auto",
+                 compile: bool = False, max_graphs: int = 4, device=None, dtype: torch.dtype | None = None,
+                 final_units: str = "data"):
+        if not isinstance(schedule, (Schedule, FlowSchedule)):
+            raise ValueError(f"schedule must be a fastdiff.Schedule (or Schedule.flow_matching), "
+                             f"got {type(schedule).__name__}")
         if not callable(model):
             raise ValueError("model must be callable as model(x, t, **kwargs)")
         self.solver = check_solver(solver)
-        self.prediction = check_prediction(prediction)
+        self.prediction = check_prediction(prediction, schedule.process)
+        flow = schedule.process == "flow"
+        if flow:
+            check_flow_solver(solver)
+            for name, value, default in (("spacing", spacing, None), ("steps_offset", steps_offset, 0),
+                                         ("corrector", corrector, None), ("classifier", classifier, None)):
+                if value is not default and value != default:
+                    raise ValueError(f"{name}={value!r} is not available on a flow-matching schedule (its grid is "
+                                     "set by shift/mu, sigmas or timesteps; the Langevin corrector and classifier "
+                                     "guidance are written for VP processes)")
+        spacing = "trailing" if spacing is None else spacing
         T = schedule.num_train_timesteps
         explicit_sigmas = sigmas is not None and not isinstance(sigmas, str)  # VE sigmas [N+1], see grids
+        max_steps = None if flow else T
         if timesteps is None and not explicit_sigmas and (
-                not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= T):
-            raise ValueError(f"steps must be an integer in [1, num_train_timesteps={T}], got {steps!r}")
+                not isinstance(steps, int) or isinstance(steps, bool) or steps < 1
+                or (max_steps is not None and steps > max_steps)):
+            raise ValueError(f"steps must be an integer in [1, {'...' if flow else f'num_train_timesteps={T}'}], "
+                             f"got {steps!r}")
         if spacing not in SPACINGS:
             raise ValueError(f"unknown spacing {spacing!r}; allowed: {', '.join(SPACINGS)}")
         if isinstance(sigmas, str) and sigmas not in SIGMA_GRIDS:
@@ -136,6 +153,7 @@ class Sampler:
             raise ValueError(f"corrector_steps={corrector_steps!r} and snr={snr!r} set the corrector; "
                              "they need corrector='langevin'")
         self.corrector = langevin.Corrector(corrector_steps, snr) if corrector == "langevin" else None
+        self.final_units = final_units
         self.table = self._table(0)
         mdtype, mdevice = _model_dtype_device(model)
         self.device = torch.device(device) if device is not None else (mdevice or torch.device("cpu"))
@@ -152,7 +170,8 @@ class Sampler:
 
     # ---- what the sampler will do ---------------------------------------------------
     def _table(self, start: int) -> StepTable:
-        table = build_table(self.solver, self.grid[start:], self.prediction, **self._options)
+        table = build_table(self.solver, self.grid[start:], self.prediction, final_units=self.final_units,
+                            **self._options)
         if self.corrector is not None:
             table = langevin.attach(table, self.schedule, self.corrector)
         return table
@@ -226,9 +245,9 @@ class Sampler:
         else:
             # forward-noise init to the first step's level with x_T as the noise (SDEdit)
             abar = float(self.grid.abar[start])
-            x0 = noise_to_level(init.to(self.device, torch.float32), abar, noise=x_T)
-            if table.space == "ve":
-                x0 = x0 / math.sqrt(float(self.grid.abar[start]))
+            x0 = noise_to_level(init.to(self.device, torch.float32), abar, noise=x_T)  # VP x_t
+            a, b = process_coefficients(self.grid.process, abar)  # the model's units: sqrt(a^2+b^2) x_t
+            x0 = x0 * (math.sqrt(a * a + b * b) / input_scale(table.space, self.grid.process, abar))
         if table.init_churn:  # the first step's re-heating, before the first model call (StepTable.noise_ahead)
             x0 = x0 + table.init_churn * rng.randn(seeds, 0, STREAM_STEP, x0.shape[1:], device=self.device)
         kwargs = _batched_kwargs(cond, uncond, cfg, B, self.device)

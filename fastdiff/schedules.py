@@ -28,6 +28,8 @@ def _betas_from_alphas_cumprod(abar: torch.Tensor) -> torch.Tensor:
 class Schedule:
     """A discrete variance-preserving schedule of `num_train_timesteps` betas (float64)."""
 
+    process = "vp"  # x_t = alpha_t x_0 + sigma_t eps with alpha^2 + sigma^2 = 1 (FlowSchedule: "flow")
+
     def __init__(self, betas, *, name: str = "custom"):
         betas = torch.as_tensor(betas, dtype=F64).flatten().clone()
         if betas.numel() < 1:
@@ -84,6 +86,13 @@ class Schedule:
         v_end = torch.sigmoid(torch.tensor(end / tau, dtype=F64))
         abar = (v_end - torch.sigmoid((t * (end - start) + start) / tau)) / (v_end - v_start)
         return cls.from_alphas_cumprod(torch.clamp(abar, clip_min, 1.0), name="sigmoid")
+
+    @staticmethod
+    def flow_matching(num_train_timesteps: int = 1000, shift: float = 1.0, *, mu: float | None = None,
+                      time_shift_type: str = "exponential", shift_terminal: float | None = None) -> "FlowSchedule":
+        """Rectified flow / flow matching (x_s = (1 - s) x_0 + s eps): see FlowSchedule."""
+        return FlowSchedule(num_train_timesteps, shift, mu=mu, time_shift_type=time_shift_type,
+                            shift_terminal=shift_terminal)
 
     @classmethod
     def named(cls, name: str, num_train_timesteps: int = 1000, **kw) -> "Schedule":
@@ -165,3 +174,111 @@ class Schedule:
 
     def __repr__(self) -> str:
         return f"Schedule({self.name}, num_train_timesteps={self.num_train_timesteps})"
+
+
+# ---- flow matching ---------------------------------------------------------------------------
+TIME_SHIFTS = ("exponential", "linear")
+
+
+def flow_level(s) -> torch.Tensor:
+    """The VP level abar of flow noise level s: x_s = (1 - s) x_0 + s eps is the VP point
+    x_s / k, k = sqrt((1 - s)^2 + s^2), so abar = (1 - s)^2 / k^2 (the same VE sigma s / (1 - s))."""
+    s = torch.as_tensor(s, dtype=F64)
+    return (1 - s) ** 2 / ((1 - s) ** 2 + s**2)
+
+
+def flow_sigma(abar) -> torch.Tensor:
+    """Inverse of flow_level: s = sigma / (alpha + sigma) in VP (alpha, sigma); 1 at abar = 0."""
+    abar = torch.as_tensor(abar, dtype=F64)
+    alpha, sigma = abar.sqrt(), (1 - abar).clamp_min(0).sqrt()
+    return sigma / (alpha + sigma)
+
+
+class FlowSchedule:
+    """A rectified-flow / flow-matching process: x_s = (1 - s) x_0 + s eps, s in [0, 1].
+
+    The model sees x_s itself ("flow units") and the timestep t = s * T (a float), and predicts
+    the velocity v = eps - x_0 (prediction="flow"), so D = x_s - s v. As an affine process it
+    has alpha = 1 - s and sigma = s: its VE sigma is s / (1 - s) and its VP level abar =
+    (1 - s)^2 / ((1 - s)^2 + s^2) (flow_level), which is what grids and tables carry; solvers
+    in VP units see x_s / sqrt((1 - s)^2 + s^2), the Euler family works on x_s in time s.
+
+    The grid a Sampler walks by default is diffusers' FlowMatchEulerDiscreteScheduler's for the
+    same options: training levels s_i = shift(i / T), i = T..1 (shift(s) = shift s / (1 +
+    (shift - 1) s)); for N steps, s linear from shift(1) to shift(1/T) and then shifted again
+    (diffusers shifts sigma_min twice); with `mu` (resolution-dependent shifting) the training
+    levels are unshifted and the grid is time_shift(mu, s) instead ("exponential":
+    e^mu / (e^mu + 1/s - 1), "linear": mu / (mu + 1/s - 1)); `shift_terminal` then stretches
+    the grid so that it ends at that s (LTX-Video).
+    """
+
+    process = "flow"
+
+    def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, *, mu: float | None = None,
+                 time_shift_type: str = "exponential", shift_terminal: float | None = None):
+        T = _check_positive_int("num_train_timesteps", num_train_timesteps)
+        if not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
+            raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
+        if mu is not None and shift != 1.0:
+            raise ValueError(f"give either shift (static) or mu (dynamic shifting), not both: shift={shift}, mu={mu}")
+        if mu is not None and not (isinstance(mu, (int, float)) and math.isfinite(mu)):
+            raise ValueError(f"mu must be a finite number or None, got {mu!r}")
+        if time_shift_type not in TIME_SHIFTS:
+            raise ValueError(f"unknown time_shift_type {time_shift_type!r}; allowed: {', '.join(TIME_SHIFTS)}")
+        if time_shift_type == "linear" and mu is not None and mu <= 0:
+            raise ValueError(f"a linear time shift needs mu > 0, got {mu}")
+        if shift_terminal is not None and not 0 < shift_terminal < 1:
+            raise ValueError(f"shift_terminal must be in (0, 1) or None, got {shift_terminal!r}")
+        self.shift, self.mu, self.time_shift_type = float(shift), mu, time_shift_type
+        self.shift_terminal = shift_terminal
+        self.name = "flow_matching"
+        s = torch.arange(T, 0, -1, dtype=F64) / T  # [T] decreasing: s_i = i / T
+        self.train_sigmas = s if mu is not None else self._static_shift(s)  # as diffusers' __init__
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.train_sigmas.numel()
+
+    def _static_shift(self, s: torch.Tensor) -> torch.Tensor:
+        return self.shift * s / (1 + (self.shift - 1) * s)
+
+    def shifted(self, s) -> torch.Tensor:
+        """The shift set_timesteps applies to a grid of levels s (then shift_terminal)."""
+        s = torch.as_tensor(s, dtype=F64)
+        if self.mu is None:
+            s = self._static_shift(s)
+        elif self.time_shift_type == "exponential":
+            s = math.exp(self.mu) / (math.exp(self.mu) + (1 / s - 1))
+        else:
+            s = self.mu / (self.mu + (1 / s - 1))
+        if self.shift_terminal is not None:
+            if s.numel() < 2:
+                raise ValueError("shift_terminal needs steps >= 2: a one-step grid is s = 1 alone, which cannot be "
+                                 "stretched to end at shift_terminal (diffusers lists NaN there)")
+            one_minus = 1 - s
+            s = 1 - one_minus / (one_minus[-1] / (1 - self.shift_terminal))
+        return s
+
+    def default_sigmas(self, steps: int) -> torch.Tensor:
+        """[N] flow levels of diffusers' FlowMatchEulerDiscreteScheduler.set_timesteps(N)."""
+        hi, lo = float(self.train_sigmas[0]), float(self.train_sigmas[-1])
+        return self.shifted(torch.linspace(hi, lo, steps, dtype=F64))
+
+    # the same interface as Schedule's (VE sigma <-> model timestep t = s * T)
+    def sigma_at(self, t) -> torch.Tensor:
+        s = torch.as_tensor(t, dtype=F64) / self.num_train_timesteps
+        return s / (1 - s)
+
+    def alphas_cumprod_at(self, t) -> torch.Tensor:
+        return flow_level(torch.as_tensor(t, dtype=F64) / self.num_train_timesteps)
+
+    def t_at(self, sigma) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, dtype=F64)
+        s = torch.where(torch.isinf(sigma), torch.ones_like(sigma), sigma / (1 + sigma))
+        return s * self.num_train_timesteps
+
+    def __repr__(self) -> str:
+        opts = f"shift={self.shift:g}" if self.mu is None else f"mu={self.mu:g}, time_shift_type={self.time_shift_type}"
+        if self.shift_terminal is not None:
+            opts += f", shift_terminal={self.shift_terminal:g}"
+        return f"FlowSchedule(num_train_timesteps={self.num_train_timesteps}, {opts})"

@@ -1,6 +1,6 @@
 """The fused solver step: one row of a coefficient table (fastdiff.solvers.table), one launch.
 
-Per sample b and element e, with the row r = [d_point, d_out, c_in_next, state[7], point[7]]:
+Per sample b and element e, with the row r = [d_point, d_out, c_in_next, state[7], point[7], push[7]]:
 
     o      = out[b]                       or  u + w_b * (c - u),  (u, c) = (out[b], out[B+b])
     o      = o * out_scale[b]                                       (rescaled-CFG pre-pass)
@@ -10,7 +10,7 @@ Per sample b and element e, with the row r = [d_point, d_out, c_in_next, state[7
                                            counter = r unless the table keys it ahead (churn)
     x      <- state . V
     point  <- point_row . V                (x_next when there is no separate point)
-    push_dest <- D                         (the history push; may alias the oldest H_k)
+    push_dest <- push_row . V              (the history push, D for most solvers; may alias the oldest H_k)
     model_in[b] (and model_in[B+b]) <- c_in_next * point   (cast to the model's dtype)
 
 fp32 math in registers whatever the model dtype; each element is read and written by the
@@ -27,11 +27,12 @@ from fastdiff.rng import STREAM_STEP
 
 from .philox import normal_block
 
-ROW_WIDTH = 3 + 2 * NCOL  # [d_point, d_out, c_in_next, state[NCOL], point[NCOL]]
+ROW_WIDTH = 3 + 3 * NCOL  # [d_point, d_out, c_in_next, state[NCOL], point[NCOL], push[NCOL]]
 # in-kernel column offsets of the row (constexpr globals)
 _W = tl.constexpr(ROW_WIDTH)
 _S = tl.constexpr(3)  # state[j] at _S + j
 _P = tl.constexpr(3 + NCOL)  # point[j] at _P + j
+_Q = tl.constexpr(3 + 2 * NCOL)  # push[j] at _Q + j
 
 
 @triton.jit(do_not_specialize=["row", "counter"])
@@ -82,27 +83,37 @@ def _affine_step_kernel(
     x_next = tl.load(r + _S + 0) * x + tl.load(r + _S + 1) * d + tl.load(r + _S + 2) * d_raw
     if HAS_POINT:
         p_next = tl.load(r + _P + 0) * x + tl.load(r + _P + 1) * d + tl.load(r + _P + 2) * d_raw
+    if PUSH:
+        q = tl.load(r + _Q + 0) * x + tl.load(r + _Q + 1) * d + tl.load(r + _Q + 2) * d_raw
     if K >= 1:
         h = tl.load(h0_ptr + offs, mask=mask, other=0.0)
         x_next += tl.load(r + _S + 3) * h
         if HAS_POINT:
             p_next += tl.load(r + _P + 3) * h
+        if PUSH:
+            q += tl.load(r + _Q + 3) * h
     if K >= 2:
         h = tl.load(h1_ptr + offs, mask=mask, other=0.0)
         x_next += tl.load(r + _S + 4) * h
         if HAS_POINT:
             p_next += tl.load(r + _P + 4) * h
+        if PUSH:
+            q += tl.load(r + _Q + 4) * h
     if K >= 3:
         h = tl.load(h2_ptr + offs, mask=mask, other=0.0)
         x_next += tl.load(r + _S + 5) * h
         if HAS_POINT:
             p_next += tl.load(r + _P + 5) * h
+        if PUSH:
+            q += tl.load(r + _Q + 5) * h
     if NOISE:
         seed = tl.load(seed_ptr + b)
         z = normal_block(seed, start, counter, STREAM, BLOCK)
         x_next += tl.load(r + _S + 6) * z
         if HAS_POINT:
             p_next += tl.load(r + _P + 6) * z
+        if PUSH:
+            q += tl.load(r + _Q + 6) * z
     if not HAS_POINT:
         p_next = x_next
 
@@ -110,7 +121,7 @@ def _affine_step_kernel(
     if HAS_POINT:
         tl.store(point_ptr + offs, p_next, mask=mask)
     if PUSH:
-        tl.store(push_ptr + offs, d, mask=mask)
+        tl.store(push_ptr + offs, q, mask=mask)
     if WRITE_MODEL_IN:
         m = (tl.load(r + 2) * p_next).to(model_in_ptr.dtype.element_ty)
         tl.store(model_in_ptr + offs, m, mask=mask)
@@ -153,7 +164,7 @@ def affine_step(
 ) -> None:
     """Execute row `row` of a coefficient table in place (see the module docstring).
 
-    coef: [R, 3 + 2*NCOL] float32 on x's device. `noise` (from the caller's host copy of
+    coef: [R, 3 + 3*NCOL] float32 on x's device. `noise` (from the caller's host copy of
     the table) says whether this row reads z; False skips the draw (z = 0). noise_counter:
     the Philox counter of z (default: `row`; StepTable.noise_counter).
     """

@@ -55,3 +55,33 @@ def exact_endpoint(x_t, abar, mu=0.7, s=0.5):
     a, sg = math.sqrt(abar), math.sqrt(1 - abar)
     u = (x_t - a * mu) / math.sqrt(a * a * s * s + sg * sg)
     return mu + s * u
+
+
+class FlowGaussianDenoiser(torch.nn.Module):
+    """The exact velocity for data N(mu, s^2) under flow matching, x_r = (1 - r) x0 + r eps.
+
+    The model sees x_r and t = r * T. E[x0 | x_r] = mu + s^2 (1 - r)(x_r - (1 - r) mu) /
+    ((1 - r)^2 s^2 + r^2) and the velocity E[eps - x0 | x_r] = (x_r - E[x0 | x_r]) / r; also
+    "epsilon" and "sample" outputs of the same process.
+    """
+
+    def __init__(self, num_train_timesteps=1000, mu=0.7, s=0.5, prediction="flow"):
+        super().__init__()
+        self.T, self.mu, self.s, self.prediction = num_train_timesteps, mu, s, prediction
+        self.calls = 0
+
+    def forward(self, x, t, **kwargs):
+        self.calls += 1
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
+        r = (t.double() / self.T).reshape(-1, *([1] * (x.ndim - 1)))
+        xd = x.double()
+        x0 = self.mu + self.s**2 * (1 - r) * (xd - (1 - r) * self.mu) / ((1 - r) ** 2 * self.s**2 + r * r)
+        eps = (xd - (1 - r) * x0) / r
+        out = {"flow": eps - x0, "epsilon": eps, "sample": x0}[self.prediction]
+        return out.to(x.dtype)
+
+
+def flow_exact_endpoint(x_r, r, mu=0.7, s=0.5):
+    """The probability-flow ODE keeps (x_r - (1 - r) mu) / sqrt((1 - r)^2 s^2 + r^2) constant."""
+    u = (x_r - (1 - r) * mu) / math.sqrt((1 - r) ** 2 * s * s + r * r)
+    return mu + s * u

@@ -32,6 +32,6 @@ def plain_loop(model, table, seeds, shape, cond=None, uncond=None, w=None, dtype
         x_next = comb(table.state[r])
         point = comb(table.point[r]) if table.point is not None else x_next
         if dest is not None:
-            history[dest] = D
+            history[dest] = D if table.push_row is None else comb(table.push_row[r])
         x = x_next
     return x

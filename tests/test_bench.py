@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from fastdiff import bench, cli
 
@@ -219,3 +220,20 @@ def test_report_cpu_compile_limit_and_side_by_side(report):
     eager = noisy["digits (CPU): speedup over the diffusers-style loop, same eager model"]
     assert eager["ci"][0] < 1 < eager["ci"][1] and eager["met"] is None
     assert "| within noise |" in report.markdown(report.summarize(pb, meta), None)
+
+
+def test_flow_loop_case_computes_flow_match_eulers_loop():
+    """The flow own-work case: fastdiff's loop and the diffusers-style FlowMatchEuler loop run the
+    same 28 Euler steps (compared on the same start: both models are the no-op velocity)."""
+    pytest.importorskip("diffusers")
+    lm = bench.flow_model("cpu", batch=2, sample_shape=(1, 4, 4))
+    sampler, _ = bench.fastdiff_loop(lm, "cpu")
+    scheduler = bench.diffusers_scheduler(lm.solver, **lm.scheduler_config)
+    assert lm.info()["scheduler"] == type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    scheduler.set_timesteps(lm.steps)
+    torch.testing.assert_close(sampler.timesteps.float(), scheduler.timesteps)
+    torch.manual_seed(0)
+    want = bench.diffusers_loop(lm, "cpu")()
+    torch.manual_seed(0)
+    noise = torch.randn(2, 1, 4, 4)
+    torch.testing.assert_close(sampler.sample(noise=noise), want, rtol=2e-4, atol=1e-6)

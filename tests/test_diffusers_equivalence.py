@@ -16,6 +16,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from fastdiff import Sampler, rng  # noqa: E402
 from fastdiff.rng import STREAM_STEP  # noqa: E402
+from conv_model import TinyConvNet  # noqa: E402
 from gaussian_model import GaussianDenoiser  # noqa: E402
 
 # diffusers' own deprecation noise (numpy __array__ copy=, deprecated algorithm types)
@@ -121,6 +122,23 @@ DETERMINISTIC = {
                                                                final_sigmas_type="sigma_min"), 10, {}),
     "unipc-leading-threshold": ("UniPCMultistepScheduler", dict(timestep_spacing="leading", steps_offset=1,
                                                                 thresholding=True, sample_max_value=1.5), 9, {}),
+    # PLMS (skip_prk_steps) and LMS: history pushes of raw outputs / derivatives, not of D
+    "pndm-sd-plms-25": ("PNDMScheduler", dict(SD_BETAS, skip_prk_steps=True, steps_offset=1), 25, {}),
+    "pndm-plms-1": ("PNDMScheduler", dict(skip_prk_steps=True), 1, {}),
+    "pndm-plms-2": ("PNDMScheduler", dict(skip_prk_steps=True), 2, {}),
+    "pndm-plms-3-v": ("PNDMScheduler", dict(skip_prk_steps=True, prediction_type="v_prediction"), 3, {}),
+    "pndm-plms-trailing-alpha-one-60": ("PNDMScheduler", dict(skip_prk_steps=True, timestep_spacing="trailing",
+                                                              set_alpha_to_one=True), 50, {}),
+    "pndm-plms-trailing-v-cosine": ("PNDMScheduler", dict(skip_prk_steps=True, beta_schedule="squaredcos_cap_v2",
+                                                          prediction_type="v_prediction", timestep_spacing="trailing"),
+                                    10, {}),
+    "lms-default": ("LMSDiscreteScheduler", {}, 10, {}),
+    "lms-sd-leading-v-60": ("LMSDiscreteScheduler", dict(SD_BETAS, timestep_spacing="leading", steps_offset=1,
+                                                         prediction_type="v_prediction"), 60, {}),
+    "lms-karras-sample": ("LMSDiscreteScheduler", dict(use_karras_sigmas=True, prediction_type="sample"), 12, {}),
+    "lms-exponential-order2": ("LMSDiscreteScheduler", dict(use_exponential_sigmas=True), 9, dict(order=2)),
+    "lms-trailing-order3-1": ("LMSDiscreteScheduler", dict(timestep_spacing="trailing"), 1, dict(order=3)),
+    "lms-beta-order1": ("LMSDiscreteScheduler", dict(use_beta_sigmas=True), 7, dict(order=1)),
 }
 
 
@@ -129,9 +147,9 @@ def test_matches_diffusers_loop(case):
     name, config, steps, step_kw = DETERMINISTIC[case]
     scheduler, model = make(name, config)
     noise = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
-    before = scheduler.timesteps.clone()
+    before = None if scheduler.timesteps is None else scheduler.timesteps.clone()  # PNDM: None before set_timesteps
     sampler = Sampler.from_diffusers(scheduler, model, steps=steps, **step_kw)
-    assert torch.equal(scheduler.timesteps, before)  # the caller's scheduler is left alone
+    assert (before is None and scheduler.timesteps is None) or torch.equal(scheduler.timesteps, before)  # left alone
     want = diffusers_loop(scheduler, model, noise, steps, **step_kw)
     assert rel_err(sampler.sample(noise=noise), want) < RTOL
     assert torch.equal(sampler.timesteps.float(), scheduler.timesteps.float())  # what the model saw
@@ -237,16 +255,15 @@ UNSUPPORTED = [
     ("DPMSolverMultistepScheduler", dict(solver_order=3), {}, "solver_order"),
     ("DPMSolverMultistepScheduler", dict(solver_type="heun"), {}, "solver_type"),
     ("DPMSolverMultistepScheduler", dict(variance_type="learned_range"), {}, "variance_type"),
-    ("DPMSolverMultistepScheduler", dict(use_flow_sigmas=True, prediction_type="flow_prediction"), {},
-     "use_flow_sigmas"),
     ("DPMSolverMultistepScheduler", dict(euler_at_final=True, final_sigmas_type="sigma_min"), {}, "euler_at_final"),
     ("UniPCMultistepScheduler", dict(solver_type="bh1"), {}, "solver_type"),
     ("UniPCMultistepScheduler", dict(solver_order=3), {}, "solver_order"),
     ("UniPCMultistepScheduler", dict(predict_x0=False), {}, "predict_x0"),
     ("UniPCMultistepScheduler", dict(disable_corrector=[0]), {}, "disable_corrector"),
     ("UniPCMultistepScheduler", dict(lower_order_final=False), {}, "lower_order_final"),
-    ("PNDMScheduler", {}, {}, "PNDMScheduler"),
-    ("LMSDiscreteScheduler", {}, {}, "LMSDiscreteScheduler"),
+    ("PNDMScheduler", {}, {}, "skip_prk_steps"),
+    ("PNDMScheduler", dict(skip_prk_steps=True, timestep_spacing="linspace"), {}, "timestep_spacing"),
+    ("DEISMultistepScheduler", {}, {}, "DEISMultistepScheduler"),
 ]
 
 
@@ -255,6 +272,40 @@ def test_unsupported_options_raise_naming_the_option(name, config, step_kw, opti
     scheduler = getattr(diffusers, name)(**config)
     with pytest.raises(NotImplementedError, match=option):
         Sampler.from_diffusers(scheduler, lambda x, t: x, steps=20, **step_kw)
+
+
+# the same mappings on a random conv net (no closed form): scheduler, config, steps, step() keywords
+CONV = {
+    "pndm-sd-plms": ("PNDMScheduler", dict(SD_BETAS, skip_prk_steps=True, steps_offset=1), 20, {}),
+    "pndm-plms-v-4": ("PNDMScheduler", dict(skip_prk_steps=True, prediction_type="v_prediction"), 4, {}),
+    "lms-default": ("LMSDiscreteScheduler", {}, 15, {}),
+    "lms-karras-v-order3": ("LMSDiscreteScheduler", dict(use_karras_sigmas=True, prediction_type="v_prediction"), 10,
+                            dict(order=3)),
+    "ddim-zero-snr-T100": ("DDIMScheduler", dict(num_train_timesteps=100, prediction_type="sample",
+                                                 timestep_spacing="trailing", steps_offset=1, set_alpha_to_one=False,
+                                                 rescale_betas_zero_snr=True, clip_sample=False), 48, {}),
+}
+
+
+@pytest.mark.parametrize("case", CONV)
+def test_matches_diffusers_loop_on_a_conv_net(case):
+    name, config, steps, step_kw = CONV[case]
+    scheduler = getattr(diffusers, name)(**config)
+    model = TinyConvNet()
+    noise = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        got = Sampler.from_diffusers(scheduler, model, steps=steps, **step_kw).sample(noise=noise)
+        want = diffusers_loop(scheduler, model, noise, steps, **step_kw)
+    assert rel_err(got, want) < RTOL
+
+
+def test_schedule_is_the_schedulers_own_float32_alphas_cumprod():
+    # the peer sweep's reproducer: a float64 zero-terminal-SNR rescale differs from diffusers' float32 one
+    scheduler = diffusers.DDIMScheduler(num_train_timesteps=100, rescale_betas_zero_snr=True, set_alpha_to_one=False)
+    sampler = Sampler.from_diffusers(scheduler, lambda x, t: x, steps=48, timestep_spacing="trailing", steps_offset=1,
+                                     prediction_type="sample")
+    torch.testing.assert_close(sampler.schedule.alphas_cumprod, scheduler.alphas_cumprod.double(), rtol=1e-12,
+                               atol=1e-15)
 
 
 def test_unknown_future_config_field_is_refused(monkeypatch):

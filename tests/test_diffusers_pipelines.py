@@ -158,10 +158,13 @@ def test_accelerate_refuses_what_it_cannot_honour(tmp_path):
         apipe("a cat", num_inference_steps=2, callback=lambda *a: None, callback_steps=1)
     with pytest.raises(NotImplementedError, match="timesteps"):
         apipe("a cat", timesteps=[999, 500])
-    pipe.scheduler = diffusers.PNDMScheduler(**SD_SCHEDULE)  # SD's default scheduler: not a fastdiff solver
-    with pytest.raises(NotImplementedError, match="PNDMScheduler"):
-        apipe("a cat", num_inference_steps=2)
-    with pytest.raises(NotImplementedError, match="PNDMScheduler"):
+    pipe.scheduler = diffusers.PNDMScheduler(**SD_SCHEDULE)  # PRK warm-up steps: not a fastdiff table
+    with pytest.raises(NotImplementedError, match="PNDMScheduler with skip_prk_steps=False"):
+        apipe("a cat", num_inference_steps=4)
+    with pytest.raises(NotImplementedError, match="skip_prk_steps"):
+        accelerate(pipe)
+    pipe.scheduler = diffusers.DEISMultistepScheduler(**SD_SCHEDULE)
+    with pytest.raises(NotImplementedError, match="DEISMultistepScheduler"):
         accelerate(pipe)
     with pytest.raises(NotImplementedError, match="accelerate supports"):
         accelerate(diffusers.PNDMPipeline(unet=tiny_unet(), scheduler=diffusers.PNDMScheduler()))

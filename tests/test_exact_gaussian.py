@@ -26,7 +26,10 @@ def endpoint_error(solver, steps, prediction="epsilon", spacing="trailing", **kw
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("solver", DETERMINISTIC)
 def test_deterministic_solvers_converge_to_the_exact_endpoint(solver, prediction):
-    errors = [endpoint_error(solver, n, prediction) for n in (10, 40, 160)]
+    # plms steps to t - T//N as diffusers' PNDM (STRIDE_PREV): on a trailing grid with T/N not an
+    # integer that lands off the levels its multistep weights assume, so it is held to its own grid
+    spacing = "leading" if solver == "plms" else "trailing"
+    errors = [endpoint_error(solver, n, prediction, spacing) for n in (10, 40, 160)]
     assert errors[0] > errors[1] > errors[2], errors
     assert errors[2] < errors[0] / 8 and errors[2] < 0.05, errors
 

@@ -7,7 +7,7 @@ from fastdiff.kernels import affine_step
 from fastdiff.rng import STREAM_STEP
 from fastdiff.solvers.table import NCOL, Z
 
-ROW_WIDTH = 3 + 2 * NCOL
+ROW_WIDTH = 3 + 3 * NCOL
 SHAPES = [(1, 1, 1, 1), (3, 5, 7, 9), (2, 4, 33, 17)]
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 
@@ -19,7 +19,8 @@ def reference_step(row, coef, x, out, *, point=None, history=(), push_dest=None,
     B, S = x.shape[0], x.shape[1:]
     per = lambda v: v.double().view(B, *([1] * len(S)))  # noqa: E731  [B] -> [B, 1, ...]
     c = coef[row].double()
-    d_point, d_out, c_in, state, point_row = c[0], c[1], c[2], c[3:3 + NCOL], c[3 + NCOL:]
+    d_point, d_out, c_in, state, point_row, push_row = c[0], c[1], c[2], c[3:3 + NCOL], c[3 + NCOL:3 + 2 * NCOL], \
+        c[3 + 2 * NCOL:]
     xd = x.double()
     p = point.double() if point is not None else None
     p_in = p if p is not None else xd
@@ -43,8 +44,8 @@ def reference_step(row, coef, x, out, *, point=None, history=(), push_dest=None,
     want = {"x": x_next}
     if point is not None:
         want["point"] = p_next
-    if push_dest is not None:
-        want["push_dest"] = d
+    if push_dest is not None:  # an affine combination of the row's vector (D for most solvers)
+        want["push_dest"] = sum(push_row[j] * V[j] for j in range(NCOL))
     if model_in is not None:
         m = c_in * p_next
         want["model_in"] = torch.cat([m, m]) if model_in.shape[0] == 2 * B else m

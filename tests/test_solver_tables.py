@@ -243,3 +243,39 @@ def test_each_column_is_the_documented_quantity(name):
     D_raw = 0.5 * x + 2.0 * out
     want = {"x": x, "D": D_raw.clamp(-1, 1), "D_raw": D_raw, "z": rng.randn(seeds, 0, STREAM_STEP, (5,))}[name]
     torch.testing.assert_close(bufs.x, want)
+
+
+@pytest.mark.parametrize("prediction", ["flow", "epsilon", "sample"])
+@pytest.mark.parametrize("space", ["vp", "ve", "flow"])
+def test_flow_conversion_is_the_textbook_map(prediction, space):
+    """On a flow process x_s = (1 - s) x0 + s eps: the model sees x_s and D is x0, in every space."""
+    from fastdiff.schedules import flow_level
+
+    torch.manual_seed(7)
+    s = 0.63
+    abar = float(flow_level(s))
+    x0, eps = torch.randn(SHAPE, dtype=F64), torch.randn(SHAPE, dtype=F64)
+    x_s = (1 - s) * x0 + s * eps
+    out = {"flow": eps - x0, "epsilon": eps, "sample": x0}[prediction]
+    point = {"vp": x_s / math.sqrt((1 - s) ** 2 + s * s), "ve": x_s / (1 - s), "flow": x_s}[space]
+    c_in, d_point, d_out = conversion(prediction, space, abar, "flow")
+    torch.testing.assert_close(c_in * point, x_s, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(d_point * point + d_out * out, x0, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+def test_lms_coefficients_integrate_the_lagrange_basis(order):
+    """lms's closed-form coefficients against numerical quadrature of the Lagrange basis (as
+    k-diffusion and diffusers compute them)."""
+    from scipy import integrate
+
+    from fastdiff.solvers import lms
+
+    sigmas = [14.6, 6.1, 2.9, 1.2, 0.5, 0.0]
+    i = 4
+    for j in range(order):
+        def basis(tau):
+            return math.prod((tau - sigmas[i - k]) / (sigmas[i - j] - sigmas[i - k]) for k in range(order) if k != j)
+
+        want = integrate.quad(basis, sigmas[i], sigmas[i + 1], epsrel=1e-12)[0]
+        assert math.isclose(lms.coefficient(sigmas, i, order, j), want, rel_tol=1e-10, abs_tol=1e-12)

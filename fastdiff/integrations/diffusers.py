@@ -9,14 +9,19 @@ A scheduler maps to a solver (checked against diffusers 0.42.1):
     EulerDiscreteScheduler            euler            HeunDiscreteScheduler  heun
     EulerAncestralDiscreteScheduler   euler_ancestral  UniPCMultistepScheduler  unipc (bh2)
     DPMSolverMultistepScheduler       dpmpp_2m (dpmsolver++) / dpmpp_2m_sde (sde-dpmsolver++)
+    FlowMatchEulerDiscreteScheduler   euler (flow; stochastic_sampling: renoise)
+    FlowMatchHeunDiscreteScheduler    heun (flow)
+    PNDMScheduler                     plms (skip_prk_steps=True)  LMSDiscreteScheduler  lms (order from step())
+DPMSolverMultistep and UniPCMultistep with use_flow_sigmas run on a flow-matching schedule too.
 
 The grid is the scheduler's own: a fresh copy of it runs set_timesteps(N) and fastdiff walks
 its timesteps (and, for sigma-based schedulers, its sigmas), so every spacing and sigma
 option diffusers has (karras, exponential, beta, lu lambdas, final_sigmas_type, steps_offset,
 lambda_min_clipped...) is reproduced exactly; DDIM keeps its t - T//N stride natively.
 The math options map to Sampler options; any option fastdiff cannot reproduce raises
-NotImplementedError naming it; we never silently give different images. The betas are
-rebuilt in float64 from the config. diffusers is imported lazily: the core never needs it.
+NotImplementedError naming it; we never silently give different images. The schedule is the
+scheduler's own alphas_cumprod (float32, as its step() reads it), held in float64. diffusers is
+imported lazily: the core never needs it.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import math
 
 import torch
 
+from ..grids import spaced_timesteps
 from ..sampler import Sampler
 from ..schedules import Schedule
 from ..solvers.dpmpp import final_step_first_order
@@ -34,13 +40,16 @@ from ..solvers.dpmpp import final_step_first_order
 RUNTIME_OPTIONS = ("guidance_scale", "guidance_rescale", "guidance_interval", "classifier", "classifier_scale", "corrector",
                    "corrector_steps", "snr", "backend", "graph", "compile", "max_graphs", "device", "dtype")
 # Keywords of diffusers' scheduler.step() that a caller may pass (as pipelines do).
-STEP_OPTIONS = ("eta", "use_clipped_model_output", "s_churn", "s_tmin", "s_tmax", "s_noise")
+STEP_OPTIONS = ("eta", "use_clipped_model_output", "s_churn", "s_tmin", "s_tmax", "s_noise", "order")
 # Config fields that only shape set_timesteps' grid, which fastdiff takes from diffusers as is.
 GRID_FIELDS = ("timestep_spacing", "steps_offset", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
                "sigma_min", "sigma_max", "interpolation_type", "final_sigmas_type", "lambda_min_clipped",
                "use_lu_lambdas")
 SCHEDULE_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
                    "rescale_betas_zero_snr")
+# Keywords of set_timesteps() a caller may pass: the resolution-dependent shift of flow schedulers.
+SET_TIMESTEPS_OPTIONS = ("mu",)
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
 
 
 def _from_diffusers(cls, scheduler_or_config, model, steps: int, **overrides) -> Sampler:
@@ -53,10 +62,12 @@ def sampler_from_diffusers(scheduler_or_config, model, steps: int, **overrides) 
 
     scheduler_or_config: a diffusers scheduler, or its config (with `_class_name`).
     overrides: scheduler config fields (as diffusers' from_config(**kwargs)), step() keywords
-    (eta, use_clipped_model_output, s_churn...) and Sampler runtime options (RUNTIME_OPTIONS).
+    (eta, use_clipped_model_output, s_churn...), set_timesteps() keywords (`mu`, the dynamic
+    shift of flow schedulers) and Sampler runtime options (RUNTIME_OPTIONS).
     """
     scheduler = _fresh_scheduler(scheduler_or_config, overrides)
     step_kw = {k: overrides.pop(k) for k in STEP_OPTIONS if k in overrides}
+    grid_kw = {k: overrides.pop(k) for k in SET_TIMESTEPS_OPTIONS if k in overrides}
     unknown = [k for k in overrides if k not in RUNTIME_OPTIONS]
     if unknown:
         raise ValueError(f"from_diffusers: {', '.join(unknown)} is neither a {type(scheduler).__name__} config "
@@ -66,7 +77,14 @@ def sampler_from_diffusers(scheduler_or_config, model, steps: int, **overrides) 
     name = type(scheduler).__name__
     if name not in TRANSLATORS:
         raise NotImplementedError(f"fastdiff cannot run {name}; supported: {', '.join(TRANSLATORS)}")
-    scheduler.set_timesteps(steps)
+    takes = inspect.signature(scheduler.set_timesteps).parameters
+    for k in grid_kw:
+        if k not in takes:
+            raise ValueError(f"{name}.set_timesteps() takes no {k!r}")
+    scheduler.set_timesteps(steps, **grid_kw)
+    if scheduler.config.get("timestep_spacing") == "trailing" and float(scheduler.timesteps.min()) < 0:
+        # diffusers' float arange overshoots for some N and lists t = -1: refuse, naming a count that works
+        spaced_timesteps(scheduler.config.num_train_timesteps, steps, "trailing")
     schedule = schedule_from_config(scheduler)
     options, handled = TRANSLATORS[name](scheduler, scheduler.config, steps, step_kw, schedule)
     _refuse_other_fields(scheduler, handled)
@@ -96,24 +114,24 @@ def _fresh_scheduler(scheduler_or_config, overrides: dict):
 
 
 def schedule_from_config(scheduler) -> Schedule:
-    """The scheduler's betas as a float64 Schedule (diffusers builds them in float32)."""
+    """The scheduler's own alphas_cumprod as a float64 Schedule: exactly the float32 values its
+    step() reads (betas, trained betas and the zero-terminal-SNR rescale all computed as diffusers
+    does; rebuilding them in float64 differs by up to 3e-4 at T = 100)."""
     c = scheduler.config
-    T = c.num_train_timesteps
-    if c.get("trained_betas") is not None:
-        schedule = Schedule.from_betas(c.trained_betas, name="trained")
-    elif c.beta_schedule == "linear":
-        schedule = Schedule.linear(T, c.beta_start, c.beta_end)
-    elif c.beta_schedule == "scaled_linear":
-        schedule = Schedule.scaled_linear(T, c.beta_start, c.beta_end)
-    elif c.beta_schedule == "squaredcos_cap_v2":
-        schedule = Schedule.cosine(T)
-    else:  # e.g. DDPM's "sigmoid", Heun's "exp": exactly diffusers' float32 betas (rescaled if asked)
-        return Schedule.from_betas(scheduler.betas.double(), name=c.beta_schedule)
+    if is_flow(scheduler):  # its grid (flow levels s, model timesteps) is taken as listed
+        return Schedule.flow_matching(c.num_train_timesteps)
+    name = "trained" if c.get("trained_betas") is not None else c.beta_schedule
+    abar = scheduler.alphas_cumprod.double().cpu().clone()
     if c.get("rescale_betas_zero_snr", False):
-        # sigma-based schedulers floor the last alphas_cumprod at 2^-24 (sigma_max = 4096); that
-        # floor lives in the sigmas they list, which fastdiff walks as given
-        schedule = schedule.rescale_zero_terminal_snr()
-    return schedule
+        # the rescale ends at exactly 0; sigma-based schedulers then floor it at 2^-24 (sigma_max =
+        # 4096), which lives in the sigmas they list and fastdiff walks as given
+        abar[-1] = 0.0
+    return Schedule.from_alphas_cumprod(abar, name=name)
+
+
+def is_flow(scheduler) -> bool:
+    """A flow-matching scheduler (x_s = (1 - s) x_0 + s eps): FlowMatch*, or use_flow_sigmas."""
+    return type(scheduler).__name__ in FLOW_SCHEDULERS or bool(scheduler.config.get("use_flow_sigmas", False))
 
 
 def _unsupported(scheduler, field: str, value, why: str = ""):
@@ -167,7 +185,7 @@ def _ddpm(s, c, N, step_kw, schedule):
     if c.variance_type not in variance:  # fixed_small_log draws the same std as fixed_small
         _unsupported(s, "variance_type", c.variance_type, "learned variances need the model's variance output")
     # diffusers' DDPM steps to the next listed timestep, so the grid is its timesteps as listed
-    return dict(solver="ddpm", prediction=c.prediction_type, timesteps=s.timesteps.double(),
+    return dict(solver="ddpm", prediction=c.prediction_type, timesteps=s.timesteps.double(), final_units="model",
                 variance=variance[c.variance_type], **_thresholds(c)), (
         "variance_type", "prediction_type", "clip_sample", "clip_sample_range", "thresholding",
         "dynamic_thresholding_ratio", "sample_max_value")
@@ -178,7 +196,7 @@ def _ddim(s, c, N, step_kw, schedule):
     th = _thresholds(c)
     final = 1.0 if c.set_alpha_to_one else float(schedule.alphas_cumprod[0])
     # native grid: fastdiff reproduces DDIM's t - T//N stride; _check_grid compares timesteps
-    return dict(solver="ddim", prediction=c.prediction_type, spacing=c.timestep_spacing,
+    return dict(solver="ddim", prediction=c.prediction_type, spacing=c.timestep_spacing, final_units="model",
                 steps_offset=c.steps_offset, final_alpha_cumprod=final, eta=float(kw["eta"]),
                 use_clipped_model_output=bool(kw["use_clipped_model_output"]), **th), (
         "set_alpha_to_one", "prediction_type", "clip_sample", "clip_sample_range", "thresholding",
@@ -220,12 +238,13 @@ def _dpm(s, c, N, step_kw, schedule):
         _unsupported(s, "solver_type", c.solver_type, "the second-order update is the midpoint one")
     if c.variance_type is not None:
         _unsupported(s, "variance_type", c.variance_type)
-    if c.use_flow_sigmas or c.prediction_type == "flow_prediction":
-        _unsupported(s, "use_flow_sigmas", c.use_flow_sigmas, "flow matching is not a variance-preserving schedule")
-    last_first_order = c.final_sigmas_type == "zero" or final_step_first_order(N, c.lower_order_final) or c.solver_order == 1
+    prediction = _prediction(s, c)
+    last_first_order = (c.final_sigmas_type == "zero" or final_step_first_order(N, c.lower_order_final)
+                        or c.solver_order == 1)
     if c.euler_at_final and not last_first_order:
         _unsupported(s, "euler_at_final", True)
-    return dict(solver=solvers[c.algorithm_type], prediction=c.prediction_type, solver_order=c.solver_order,
+    return dict(solver=solvers[c.algorithm_type], prediction=prediction, solver_order=c.solver_order,
+                final_units="model",
                 lower_order_final=c.lower_order_final, **_explicit_grid(s.timesteps, s.sigmas), **_thresholds(c)), (
         "algorithm_type", "solver_order", "solver_type", "variance_type", "use_flow_sigmas", "prediction_type",
         "lower_order_final", "euler_at_final", "thresholding", "dynamic_thresholding_ratio", "sample_max_value",
@@ -244,16 +263,77 @@ def _unipc(s, c, N, step_kw, schedule):
         _unsupported(s, "disable_corrector", c.disable_corrector)
     if c.solver_p is not None:
         _unsupported(s, "solver_p", c.solver_p)
-    if c.use_flow_sigmas or c.prediction_type == "flow_prediction":
-        _unsupported(s, "use_flow_sigmas", c.use_flow_sigmas, "flow matching is not a variance-preserving schedule")
+    prediction = _prediction(s, c)
     if not c.lower_order_final and c.solver_order == 2 and float(s.sigmas[-1]) == 0:
         # diffusers' second-order predictor onto sigma = 0 divides by h = inf and returns non-finite values
         _unsupported(s, "lower_order_final", False, "with final_sigmas_type='zero' diffusers' last step is undefined")
-    return dict(solver="unipc", prediction=c.prediction_type, solver_order=c.solver_order,
+    return dict(solver="unipc", prediction=prediction, solver_order=c.solver_order, final_units="model",
                 lower_order_final=c.lower_order_final, **_explicit_grid(s.timesteps, s.sigmas), **_thresholds(c)), (
         "solver_type", "solver_order", "predict_x0", "disable_corrector", "solver_p", "use_flow_sigmas",
         "prediction_type", "lower_order_final", "thresholding", "dynamic_thresholding_ratio", "sample_max_value",
         "use_dynamic_shifting", "time_shift_type", "flow_shift", "shift_terminal")
+
+
+def _prediction(s, c) -> str:
+    """The fastdiff prediction of a multistep scheduler that may run on flow sigmas."""
+    flow = bool(c.use_flow_sigmas)
+    if c.prediction_type == "flow_prediction":
+        if not flow:
+            _unsupported(s, "prediction_type", "flow_prediction", "it needs use_flow_sigmas=True (a flow process)")
+        return "flow"
+    if flow and c.prediction_type == "v_prediction":
+        # diffusers then takes alpha x - sigma v with (alpha, sigma) = (1 - s, s): not v of any process
+        _unsupported(s, "prediction_type", "v_prediction", "v is defined for VP processes, not with use_flow_sigmas")
+    return c.prediction_type
+
+
+def _pndm(s, c, N, step_kw, schedule):
+    _step_kw(s, step_kw, {})
+    if not c.skip_prk_steps:
+        _unsupported(s, "skip_prk_steps", False, "the Runge-Kutta warm-up (4 evaluations per step for 3 steps) is "
+                     "not implemented; Stable Diffusion 1.x configs set skip_prk_steps=True")
+    if c.prediction_type not in ("epsilon", "v_prediction"):
+        _unsupported(s, "prediction_type", c.prediction_type)
+    stride = c.num_train_timesteps // N
+    ts = s.timesteps.tolist()
+    if N >= 2 and ts[1] + stride != ts[0]:
+        # diffusers' second evaluation re-steps x0 from t1 + T//N, not from t0 where x0 lies
+        _unsupported(s, "timestep_spacing", c.timestep_spacing, f"with {N} steps its first PLMS step starts at "
+                     f"t = {ts[1] + stride} while the sample is at t = {ts[0]}; 'leading' always works")
+    final = 1.0 if c.set_alpha_to_one else float(schedule.alphas_cumprod[0])
+    # native grid with DDIM's t - T//N stride (STRIDE_PREV); _check_grid compares the N + 1 timesteps
+    return dict(solver="plms", prediction=c.prediction_type, spacing=c.timestep_spacing, steps_offset=c.steps_offset,
+                final_alpha_cumprod=final, final_units="model"), (
+        "skip_prk_steps", "set_alpha_to_one", "prediction_type")
+
+
+def _lms(s, c, N, step_kw, schedule):
+    kw = _step_kw(s, step_kw, {"order": 4})
+    if kw["order"] not in (1, 2, 3, 4):
+        raise ValueError(f"LMSDiscreteScheduler.step() order must be 1-4 for fastdiff, got {kw['order']!r}")
+    return dict(solver="lms", prediction=c.prediction_type, spacing=c.timestep_spacing, solver_order=kw["order"],
+                **_explicit_grid(s.timesteps, s.sigmas)), ("prediction_type",)
+
+
+FLOW_GRID_FIELDS = ("shift", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len",
+                    "max_image_seq_len", "shift_terminal", "time_shift_type")  # shape the listed grid only
+
+
+def _flow_match_euler(s, c, N, step_kw, schedule):
+    _step_kw(s, step_kw, {})
+    if c.invert_sigmas:
+        _unsupported(s, "invert_sigmas", True, "it runs the process from data to noise")
+    # stochastic_sampling: x' = (1 - s') x0 + s' z, the renoise table
+    solver = "renoise" if c.stochastic_sampling else "euler"
+    return dict(solver=solver, prediction="flow", final_units="model", **_explicit_grid(s.timesteps, s.sigmas)), (
+        FLOW_GRID_FIELDS + ("invert_sigmas", "stochastic_sampling"))
+
+
+def _flow_match_heun(s, c, N, step_kw, schedule):
+    _step_kw(s, step_kw, {})
+    # timesteps [t0, t1, t1, ...], sigmas [s0, s1, s1, ..., 0]: one of each pair, as HeunDiscrete
+    grid = _explicit_grid(s.timesteps[0::2], torch.cat([s.sigmas[0:-1:2], s.sigmas[-1:]]))
+    return dict(solver="heun", prediction="flow", final_units="model", **grid), FLOW_GRID_FIELDS
 
 
 TRANSLATORS = {
@@ -264,6 +344,10 @@ TRANSLATORS = {
     "HeunDiscreteScheduler": _euler_family("heun"),
     "DPMSolverMultistepScheduler": _dpm,
     "UniPCMultistepScheduler": _unipc,
+    "FlowMatchEulerDiscreteScheduler": _flow_match_euler,
+    "FlowMatchHeunDiscreteScheduler": _flow_match_heun,
+    "PNDMScheduler": _pndm,
+    "LMSDiscreteScheduler": _lms,
 }
 
 
@@ -273,9 +357,12 @@ def _check_grid(sampler: Sampler, scheduler) -> None:
     if ours.shape != theirs.shape or not torch.equal(ours, theirs):
         raise NotImplementedError(f"fastdiff's grid differs from {type(scheduler).__name__}'s for this config: "
                                   f"timesteps {ours.tolist()} vs {theirs.tolist()}")
-    init = float(scheduler.init_noise_sigma)
-    if not math.isclose(sampler.init_noise_sigma, init, rel_tol=1e-5):
-        raise NotImplementedError(f"init_noise_sigma {sampler.init_noise_sigma} differs from diffusers' {init}")
+    init = float(getattr(scheduler, "init_noise_sigma", 1.0))  # FlowMatch schedulers start from the noise itself
+    ours = sampler.init_noise_sigma
+    if sampler.grid.process == "flow":  # diffusers' is in the model's (flow) units
+        ours *= float(sampler.table.c_in[0])
+    if not math.isclose(ours, init, rel_tol=1e-5):
+        raise NotImplementedError(f"init_noise_sigma {ours} differs from diffusers' {init}")
 
 
 # ---- pipelines ------------------------------------------------------------------------

@@ -27,7 +27,7 @@ def coefficients(abar_t: float, abar_prev: float, eta: float) -> tuple[float, fl
 
 def build(grid: Grid, prediction: str, *, eta: float = 0.0,
           use_clipped_model_output: bool = False) -> TableBuilder:
-    tb = TableBuilder("ddim", "vp", prediction)
+    tb = TableBuilder("ddim", "vp", prediction, process=grid.process)
     for i in range(grid.steps):
         t, a_t, a_prev = float(grid.t[i]), float(grid.abar[i]), float(grid.abar_to[i])
         std, direction, root_prev = coefficients(a_t, a_prev, eta)

@@ -30,7 +30,7 @@ def posterior(abar_t: float, abar_prev: float, variance: str) -> tuple[float, fl
 
 
 def build(grid: Grid, prediction: str, *, variance: str = "fixed_small") -> TableBuilder:
-    tb = TableBuilder("ddpm", "vp", prediction)
+    tb = TableBuilder("ddpm", "vp", prediction, process=grid.process)
     for i in range(grid.steps):
         t, a_t, a_prev = float(grid.t[i]), float(grid.abar[i]), float(grid.abar_to[i])
         cx0, cxt, std = posterior(a_t, a_prev, variance)

@@ -39,7 +39,7 @@ def _orders(grid: Grid, order: int, lower_order_final: bool) -> list[int]:
 def _build(name: str, grid: Grid, prediction: str, sde: bool, solver_order: int, lower_order_final: bool):
     if solver_order not in (1, 2):
         raise ValueError(f"solver_order must be 1 or 2 for {name}, got {solver_order}")
-    tb = TableBuilder(name, "vp", prediction, history_len=1)
+    tb = TableBuilder(name, "vp", prediction, history_len=1, process=grid.process)
     orders = _orders(grid, solver_order, lower_order_final)
     lam_prev = None
     for i in range(grid.steps):

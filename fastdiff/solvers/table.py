@@ -7,7 +7,7 @@ takes an affine step. With V the column vector
 
 where x is the solver state (float32 trajectory), D the denoised estimate from this row's
 model output after clipping/thresholding, D_raw the same before clipping, H_k the k-th most
-recent D pushed to the history before this row, and z standard normal noise keyed by
+recent value pushed to the history before this row, and z standard normal noise keyed by
 (sample seed, row, STREAM_STEP, element):
 
     D_raw  = d_point[r] * point + d_out[r] * out          (prediction type + state space)
@@ -15,7 +15,11 @@ recent D pushed to the history before this row, and z standard normal noise keye
     point' = point_row[r] . V      if the table has separate points (Heun, UniPC),
              x_next                otherwise
     model input for row r+1 = c_in[r+1] * point'   (the backend writes it, both CFG halves)
-    if push[r]: history <- D  (the most recent becomes H0)
+    if push[r]: history <- push_row[r] . V   (the most recent becomes H0)
+
+The pushed value is an affine combination of the same vector: D for most solvers (push_row
+= e_D, the default when the table has no push_row), a past epsilon (x - alpha D) / sigma or
+raw model output for PLMS, a derivative (x - D) / sigma for LMS. One pass computes it.
 
 `out` is the model output after guidance: out = u + w * (c - u) for the batched
 [uncond; cond] call. Everything is float64 on the host; backends cast to float32.
@@ -34,7 +38,7 @@ class StepTable:
     """A solver compiled for one grid: per-row scalars in float64 (see module docstring)."""
 
     solver: str
-    space: str  # "vp": x is x_t;  "ve": x is x_t / alpha_t (k-diffusion's sigma space)
+    space: str  # "vp": x is x_t;  "ve": x is x_t / alpha_t (k-diffusion's sigma space); "flow": x_s itself
     t_model: torch.Tensor  # [R] model timestep (float, may be fractional)
     sigma: torch.Tensor  # [R] VE sigma of the point the model sees
     c_in: torch.Tensor  # [R] model input = c_in * point
@@ -44,6 +48,7 @@ class StepTable:
     point: torch.Tensor | None  # [R, NCOL] or None (point is the state)
     push: torch.Tensor  # [R] bool
     init_noise_sigma: float  # x_0 = init_noise_sigma * noise
+    push_row: torch.Tensor | None = None  # [R, NCOL]: the pushed value push_row . V; None: D
     history_len: int = 0  # how many past D's any row reads (0..MAX_HISTORY)
     ends_step: torch.Tensor | None = None  # [R] bool: False for a step's inner rows (Heun's first)
     # Langevin corrector (Song et al. 2021) after row r: number of sub-steps and the
@@ -78,6 +83,14 @@ class StepTable:
         if self.point is not None:
             used |= self.point[:, Z] != 0
         return used
+
+    def push_rows(self) -> torch.Tensor:
+        """[R, NCOL]: the pushed combination of every row (e_D where the table has no push_row)."""
+        if self.push_row is not None:
+            return self.push_row
+        rows = torch.zeros(self.rows, NCOL, dtype=torch.float64)
+        rows[:, D] = 1.0
+        return rows
 
     def with_(self, **changes) -> "StepTable":
         return replace(self, **changes)

@@ -83,7 +83,8 @@ def build(grid: Grid, prediction: str, *, solver_order: int = 2, lower_order_fin
     if solver_order not in (1, 2):
         raise ValueError(f"solver_order must be 1 or 2 for unipc, got {solver_order}")
     N = grid.steps
-    tb = TableBuilder("unipc", "vp", prediction, history_len=2, separate_point=True)
+    tb = TableBuilder("unipc", "vp", prediction, history_len=2, separate_point=True,
+                      process=grid.process)
     lv = [vp_levels(float(a)) for a in grid.abar] + [vp_levels(float(grid.abar_to[-1]))]
     lam = [level[2] for level in lv]
     prev_order = None
