@@ -96,3 +96,8 @@ def test_bad_churn_options_are_refused_by_name(kwargs, match):
     kwargs = {"solver": "euler", **kwargs}
     with pytest.raises(ValueError, match=match):
         Sampler(GaussianDenoiser(SCHEDULE), SCHEDULE, steps=5, **kwargs)
+
+
+def test_churn_on_a_flow_schedule_is_refused():
+    with pytest.raises(ValueError, match="s_churn re-heats in VE sigma units.*flow-matching"):
+        Sampler(lambda x, t: x, Schedule.flow_matching(), solver="euler", prediction="flow", steps=5, s_churn=1.0)
