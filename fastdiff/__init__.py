@@ -5,6 +5,7 @@ any row, in plain PyTorch or as one fused Triton kernel; on CUDA the whole loop 
 """
 from .grids import Grid, make_grid
 from .integrations import diffusers as _diffusers_integration  # noqa: F401  (attaches Sampler.from_diffusers)
+from .likelihood import ELBO, ODELikelihood, elbo, log_likelihood
 from .noising import add_noise
 from .sampler import Sampler
 from .schedules import FlowSchedule, Schedule
@@ -20,4 +21,5 @@ def load_pretrained(name: str = "digits", **kw):
     return _load(name, **kw)
 
 
-__all__ = ["FlowSchedule", "Grid", "Sampler", "Schedule", "SOLVERS", "add_noise", "load_pretrained", "make_grid"]
+__all__ = ["ELBO", "FlowSchedule", "Grid", "ODELikelihood", "Sampler", "Schedule", "SOLVERS", "add_noise", "elbo",
+           "load_pretrained", "log_likelihood", "make_grid"]

@@ -307,7 +307,8 @@ def fastdiff_loop(lm: LoopModel, device, **options):
 
     def run():
         return sampler.sample(shape=shape, seeds=seeds, cond=lm.cond, uncond=lm.uncond,
-                              guidance_scale=lm.guidance_scale if lm.cfg else None)
+                              guidance_scale=lm.guidance_scale if lm.cfg else None,
+                              progress=False)  # a terminal's bar is not the sampler's cost
 
     return sampler, run
 

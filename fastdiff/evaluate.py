@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from . import nll_eval
+
 SOLVERS = ("ddpm", "ddim", "euler", "heun", "dpmpp_2m", "unipc", "euler_ancestral", "dpmpp_2m_sde")
 NFES = (10, 20, 50, 100, 250)
 EXTRA_CELLS = (("ddpm", 1000),)  # the sampler DDPM was trained for
@@ -241,9 +243,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     p.add_argument("--backend", default="auto", help="auto, torch, triton")
     p.add_argument("--no-progress", action="store_true")
+    nll_eval.add_arguments(p)
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.nll:
+        return nll_eval.main(args)
     from .models.pretrained import PRETRAINED, load_from_file, load_pretrained
     from .sample_cmd import parse_guidance_interval, resolve_device
     from .solvers import check_solver

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .checks import as_float64, check_number
 from .schedules import FlowSchedule, Schedule, flow_level, flow_sigma
 
 F64 = torch.float64
@@ -82,6 +83,7 @@ def _trailing_count(T: int, N: int) -> int:
 
 def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7.0) -> torch.Tensor:
     """Karras et al. 2022, eq. 5: sigma_i^(1/rho) evenly spaced from sigma_max to sigma_min."""
+    check_number("rho", rho, 0, float("inf"), hi_open=True)
     ramp = torch.linspace(0, 1, steps, dtype=F64)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return (hi + ramp * (lo - hi)) ** rho
@@ -98,7 +100,7 @@ def explicit_grid(schedule, sigmas, timesteps=None) -> Grid:
     model sees `timesteps` [N] (non-increasing), or t_at(sigmas) when None: diffusers may round the
     model's timestep while keeping the exact level."""
     T = schedule.num_train_timesteps
-    s = torch.as_tensor(sigmas, dtype=F64).flatten()
+    s = as_float64("sigmas", sigmas)
     if s.numel() < 2 or bool(torch.isnan(s).any()) or bool((s[:-1] <= 0).any()) or bool((s[-1] < 0).any()):
         raise ValueError("explicit sigmas need N+1 >= 2 values: positive, then a final one >= 0")
     if bool((s[1:] > s[:-1]).any()):
@@ -110,11 +112,11 @@ def explicit_grid(schedule, sigmas, timesteps=None) -> Grid:
     if timesteps is None:
         t = schedule.t_at(ve[:-1])
     else:
-        t = torch.as_tensor(timesteps, dtype=F64).flatten()
+        t = as_float64("timesteps", timesteps)
         if t.numel() != s.numel() - 1:
             raise ValueError(f"timesteps must have len(sigmas) - 1 = {s.numel() - 1} entries, got {t.numel()}")
         top = T if flow else T - 1  # a flow model sees t = s * T, up to T at pure noise
-        if bool((t[1:] > t[:-1]).any()) or bool((t < 0).any() or (t > top).any()):
+        if bool((t[1:] > t[:-1]).any()) or not bool(((t >= 0) & (t <= top)).all()):  # NaN fails too
             raise ValueError(f"timesteps must be non-increasing and lie in [0, {top}]")
     abar_all = flow_level(s) if flow else 1.0 / (1.0 + s**2)  # sigma = inf (zero SNR) gives abar = 0
     return Grid(t, abar_all[:-1], abar_all[1:], _t_final(schedule, float(abar_all[-1])), schedule.process)
@@ -131,8 +133,8 @@ def _flow_grid(schedule: FlowSchedule, steps: int, sigmas, rho: float, final_aba
     """A flow schedule's grid: diffusers' FlowMatchEulerDiscreteScheduler.set_timesteps(N) by default."""
     T = schedule.num_train_timesteps
     if timesteps is not None:
-        t = torch.as_tensor(timesteps, dtype=F64).flatten()
-        if t.numel() < 1 or bool((t[1:] >= t[:-1]).any()) or bool((t <= 0).any() or (t > T).any()):
+        t = as_float64("timesteps", timesteps)
+        if t.numel() < 1 or bool((t[1:] >= t[:-1]).any()) or not bool(((t > 0) & (t <= T)).all()):  # NaN fails
             raise ValueError(f"a flow schedule's timesteps must be strictly decreasing in (0, {T}]")
         s = t / T
     else:
@@ -169,11 +171,11 @@ def make_grid(schedule: Schedule, steps: int, *, spacing: str = "trailing", step
     t_final = _t_final(schedule, final_abar)
     abar_train = schedule.alphas_cumprod
     if timesteps is not None:
-        t = torch.as_tensor(timesteps, dtype=F64).flatten()
+        t = as_float64("timesteps", timesteps)
         if t.numel() < 1 or bool((t[1:] >= t[:-1]).any()):
             raise ValueError("timesteps must be a non-empty, strictly decreasing sequence")
-        if bool((t < 0).any() or (t > T - 1).any()):
-            raise ValueError(f"timesteps must lie in [0, {T - 1}]")
+        if not bool(((t >= 0) & (t <= T - 1)).all()):  # NaN fails too
+            raise ValueError(f"timesteps must be finite and lie in [0, {T - 1}]")
         abar = schedule.alphas_cumprod_at(t)
         abar_to = torch.cat([abar[1:], torch.tensor([final_abar], dtype=F64)])
         return _check_final_level(Grid(t, abar, abar_to, t_final), final_abar)

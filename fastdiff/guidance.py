@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import check_number
+
 
 @dataclass(frozen=True)
 class Thresholding:
@@ -30,12 +32,11 @@ class Thresholding:
     max_value: float = 1.0
 
     def __post_init__(self):
-        if self.clip is not None and not self.clip > 0:
-            raise ValueError(f"clip_range must be > 0, got {self.clip}")
-        if self.dynamic_ratio is not None and not 0 < self.dynamic_ratio <= 1:
-            raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {self.dynamic_ratio}")
-        if not self.max_value >= 1:
-            raise ValueError(f"sample_max_value must be >= 1, got {self.max_value}")
+        if self.clip is not None:
+            check_number("clip_range", self.clip, 0, math.inf, hi_open=True)
+        if self.dynamic_ratio is not None:
+            check_number("dynamic_thresholding_ratio", self.dynamic_ratio, 0, 1)
+        check_number("sample_max_value", self.max_value, 1, math.inf, lo_open=False, hi_open=True)
 
 
 def check_guidance_interval(interval) -> tuple[float, float] | None:
@@ -132,13 +133,12 @@ def classifier_grad(classifier, x_in: torch.Tensor, t: torch.Tensor, kwargs: dic
     return grad
 
 
-def classifier_guided(out: torch.Tensor, classifier, scale: float, x_in: torch.Tensor, t: torch.Tensor,
-                      kwargs: dict, abar: float, d_out: float) -> torch.Tensor:
+def classifier_guided(out: torch.Tensor, grad: torch.Tensor, scale: float, abar: float,
+                      d_out: float) -> torch.Tensor:
     """The model output shifted so that D += s sigma^2/alpha grad log p(y|x_t) (d_out: D per unit
-    of output at this row). x_in, t, kwargs: the conditional half; out: [B] or [uncond; cond]."""
+    of output at this row). grad: classifier_grad of the conditional half [B]; out: [B] or [uncond; cond]."""
     alpha, sigma = math.sqrt(abar), math.sqrt(max(1.0 - abar, 0.0))
-    grad = classifier_grad(classifier, x_in, t, kwargs)
     shift = scale * sigma * sigma / alpha * grad / d_out
-    if out.shape[0] == 2 * x_in.shape[0]:
+    if out.shape[0] == 2 * grad.shape[0]:
         shift = torch.cat([shift, shift])  # guidance weights sum to one: shifts the result
     return (out.float() + shift).to(out.dtype)

@@ -3,21 +3,27 @@
 Everything the loop touches is allocated once (`LoopBuffers`); inputs are copied in
 before a run (`load`), per-row constants are Python floats baked into the code path, and
 per-sample values live in device tensors.  Nothing reads a tensor value on the host:
-the non-finite check adds a probe of each model output into its row's slot of a device
-buffer, read once at the end (`nonfinite_probe`): one reduction per model call, where
-isfinite().all() and a where() took several kernels.
+the non-finite check adds probes (`nonfinite_probe`) into a row's slots of a device
+buffer, read once at the end: one reduction per model call, one of the classifier's
+gradient when there is a classifier, and one of the sample after each row (two with a
+separate evaluation point), where isfinite().all() and a where() took several kernels.
+The sample's probe catches finite outputs too large for the float32 update.
 """
 from __future__ import annotations
 
 import torch
 
 from . import rng
-from .guidance import classifier_guided
+from .guidance import classifier_grad, classifier_guided
 from .models.adapters import plain_output
 from .rng import STREAM_CORRECTOR
 from .solvers import langevin
 from .solvers.base import vp_levels
 from .solvers.table import StepTable
+
+# what each of a row's probe slots watches, in the order the row produces them
+PROBES = ("model output", "classifier gradient", "sample")
+MODEL_OUTPUT, CLASSIFIER_GRADIENT, SAMPLE = range(len(PROBES))
 
 
 class LoopBuffers:
@@ -47,7 +53,8 @@ class LoopBuffers:
         self.seeds = torch.zeros(batch, dtype=torch.int64, device=device)
         self.cfg_w = torch.ones((table.rows, batch), **f32) if cfg else None
         self.t = table.t_model.to(**f32)[:, None].expand(table.rows, G * batch).contiguous()  # [R, G*B]
-        self.out_sums = torch.zeros(table.rows, dtype=torch.float64, device=device)  # nonfinite_probe per row
+        self.probes = torch.zeros((table.rows, len(PROBES)), dtype=torch.float64, device=device)  # per row, PROBES
+        self.probe = [list(row.unbind()) for row in self.probes.unbind()]  # views [r][slot]: no indexing per call
         self.cond: dict[str, torch.Tensor] = {}
 
     def model_args(self, r: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -75,7 +82,7 @@ class LoopBuffers:
             if k not in self.cond or self.cond[k].shape != v.shape or self.cond[k].dtype != v.dtype:
                 self.cond[k] = torch.empty_like(v)
             self.cond[k].copy_(v)
-        self.out_sums.zero_()
+        self.probes.zero_()
         self.write_model_input(c_in0 * self.x if self.point is None else c_in0 * self.point)
 
 
@@ -101,6 +108,19 @@ def nonfinite_probe(out: torch.Tensor) -> torch.Tensor:
     return out.sum(dtype=torch.float64)
 
 
+def checked_output(raw, model_in: torch.Tensor) -> torch.Tensor:
+    """The model's output as a floating tensor shaped like its input: never broadcast, never cast
+    (shape and dtype are known while capturing, so this reads no tensor value)."""
+    out = plain_output(raw)
+    if not out.is_floating_point():
+        raise TypeError(f"model returned a {out.dtype} tensor; model(x, t) must return a floating-point tensor "
+                        "(epsilon, v or x0)")
+    if out.shape != model_in.shape:
+        raise ValueError(f"model returned shape {tuple(out.shape)} for an input x of shape "
+                         f"{tuple(model_in.shape)}; model(x, t) must return a tensor shaped like x")
+    return out
+
+
 class Loop:
     """Runs a table's rows: model call, non-finite bookkeeping, executor step, corrector."""
 
@@ -118,18 +138,23 @@ class Loop:
     def call_model(self, r: int) -> torch.Tensor:
         b = self.bufs
         x_in, t, cond = b.model_args(r)
-        out = plain_output(self.model(x_in, t, **cond))
+        out = checked_output(self.model(x_in, t, **cond), x_in)
+        b.probe[r][MODEL_OUTPUT].add_(nonfinite_probe(out))
         if self.classifier is not None:
             B = b.batch
-            out = classifier_guided(out, self.classifier, self.classifier_scale, b.model_in_cond, b.t[r][-B:],
-                                    _rows_from(b.cond, -B),  # the conditional half
-                                    self.abar[r], self.executor.d_out[r])
-        b.out_sums[r].add_(nonfinite_probe(out))
+            grad = classifier_grad(self.classifier, b.model_in_cond, b.t[r][-B:],
+                                   _rows_from(b.cond, -B))  # the conditional half
+            b.probe[r][CLASSIFIER_GRADIENT].add_(nonfinite_probe(grad))
+            out = classifier_guided(out, grad, self.classifier_scale, self.abar[r], self.executor.d_out[r])
         return out
 
     def run(self, progress=None) -> None:
+        b = self.bufs
         for r in range(self.table.rows):
             self.executor.step(r, self.call_model(r))
+            b.probe[r][SAMPLE].add_(nonfinite_probe(b.x))  # before the corrector, whose calls probe row r + 1
+            if b.point is not None:
+                b.probe[r][SAMPLE].add_(nonfinite_probe(b.point))
             if self.corrector is not None and self.corrector[r]:
                 self.correct(r)
             if progress is not None:
@@ -145,8 +170,8 @@ class Loop:
         M = self.corrector[r]
         for j in range(M):
             x_in, t, cond = b.model_args(n)
-            out = plain_output(self.model(x_in, t, **cond))
-            b.out_sums[n].add_(nonfinite_probe(out))  # n < rows: no corrector after the last row
+            out = checked_output(self.model(x_in, t, **cond), x_in)
+            b.probe[n][MODEL_OUTPUT].add_(nonfinite_probe(out))  # n < rows: no corrector after the last row
             D, _ = ex.denoised(n, target, out)
             z = rng.randn(b.seeds, r * M + j, STREAM_CORRECTOR, target.shape[1:], device=target.device)
             target.copy_(langevin.update(target, D, z, alpha, sigma, table.corrector_snr,
@@ -156,7 +181,14 @@ class Loop:
             b.write_model_input(ex.c_in[n] * target, both=b.guided[n])
 
     def raise_if_nonfinite(self) -> None:
-        bad = (~torch.isfinite(self.bufs.out_sums)).nonzero()  # the one host read, after the loop
-        if bad.numel():
-            r = int(bad[0, 0])
-            raise FloatingPointError(f"non-finite model output at step {r} (timestep {self.t_host[r]:g})")
+        """FloatingPointError naming the first step, and what, that became non-finite."""
+        bad = (~torch.isfinite(self.bufs.probes.flatten())).nonzero()  # the one host read, after the loop
+        if not bad.numel():
+            return
+        r, what = divmod(int(bad[0, 0]), len(PROBES))
+        where = f"at step {r} (timestep {self.t_host[r]:g})"
+        if what == SAMPLE:
+            raise FloatingPointError(f"non-finite sample {where}: the model outputs were finite, but the update "
+                                     "overflowed float32 (a model output, guidance scale or classifier gradient "
+                                     "too large)")
+        raise FloatingPointError(f"non-finite {PROBES[what]} {where}")

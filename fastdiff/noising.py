@@ -5,30 +5,35 @@ from __future__ import annotations
 import torch
 
 from . import rng
+from .checks import check_finite_tensor
 from .executors import resolve_backend
 from .seeds import as_seeds
-from .schedules import Schedule, flow_sigma
+from .schedules import FlowSchedule, Schedule, flow_sigma
 from .rng import STREAM_FORWARD
 
 
 def _abar_per_sample(t, schedule: Schedule, batch: int) -> torch.Tensor:
-    t = torch.as_tensor(t, dtype=torch.float64, device="cpu" if not torch.is_tensor(t) else t.device)
+    T = schedule.num_train_timesteps
+    if isinstance(t, (str, bytes, bool)) or (torch.is_tensor(t) and (t.is_complex() or t.dtype == torch.bool)):
+        raise ValueError(f"t must be a number or a tensor of timesteps, got {t!r:.60}")
+    try:
+        t = torch.as_tensor(t, dtype=torch.float64, device="cpu" if not torch.is_tensor(t) else t.device)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"t must be a number or a tensor of timesteps, got {t!r:.60}") from None
     if t.ndim == 0:
         t = t.expand(batch)
     if t.shape != (batch,):
         raise ValueError(f"t must be a scalar or have shape [{batch}], got {tuple(t.shape)}")
     if schedule.process == "flow":
-        T = schedule.num_train_timesteps
-        if bool(((t < 0) | (t >= T)).any()):
-            raise ValueError(f"t must lie in [0, {T}) on a flow schedule (t = s * T; s = 1 is pure noise)")
+        if not bool(((t >= 0) & (t < T)).all()):  # NaN fails too
+            raise ValueError(f"t must be finite and lie in [0, {T}) on a flow schedule "
+                             "(t = s * T; s = 1 is pure noise)")
         return schedule.alphas_cumprod_at(t.cpu()).to(t.device)
+    if not bool(((t >= 0) & (t <= T - 1)).all()):  # NaN fails too
+        raise ValueError(f"t must be finite and lie in [0, {T - 1}]")
     abar_table = schedule.alphas_cumprod.to(t.device)
-    if not torch.is_floating_point(t) or bool((t == t.round()).all()):
-        T = schedule.num_train_timesteps
-        idx = t.round().long()
-        if bool(((idx < 0) | (idx >= T)).any()):
-            raise ValueError(f"t must lie in [0, {T - 1}]")
-        return abar_table[idx]
+    if bool((t == t.round()).all()):
+        return abar_table[t.long()]
     return schedule.alphas_cumprod_at(t.cpu()).to(t.device)
 
 
@@ -39,7 +44,13 @@ def add_noise(x0: torch.Tensor, t, schedule: Schedule, *, noise: torch.Tensor | 
     z is `noise` when given, else counter-based noise keyed by (seeds[b], step,
     STREAM_FORWARD, element): the same on every device and batch composition.
     backend "triton" (the default on CUDA) draws z inside one fused kernel.
+    x0 (and noise) must be finite floating-point tensors: checked here, one host read.
     """
+    if not isinstance(schedule, (Schedule, FlowSchedule)):
+        raise ValueError(f"schedule must be a fastdiff.Schedule or FlowSchedule, got {type(schedule).__name__}")
+    check_finite_tensor("x0", x0)
+    if noise is not None:
+        check_finite_tensor("noise", noise)
     abar = _abar_per_sample(t, schedule, x0.shape[0])
     x_t = noise_to_level(x0, abar, noise=noise, seeds=seeds, step=step, backend=backend)
     if schedule.process == "flow":  # VP x_t -> flow units: times 1 / (alpha + sigma) = sqrt((1 - s)^2 + s^2)

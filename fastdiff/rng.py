@@ -27,6 +27,10 @@ STREAM_INIT = 0  # the initial x_T
 STREAM_STEP = 1  # a solver's per-step noise (ancestral, SDE)
 STREAM_CORRECTOR = 2  # the Langevin corrector
 STREAM_FORWARD = 3  # forward noising q(x_t | x_0) (img2img, training)
+STREAM_ELBO = 4  # the variational bound's draws of x_t (fastdiff.likelihood)
+STREAM_ELBO_TIMESTEPS = 5  # its Monte-Carlo timesteps
+STREAM_PROBE = 6  # Skilling-Hutchinson probes of the ODE log-likelihood
+STREAM_DEQUANT = 7  # uniform dequantization noise of 8-bit data
 
 MASK32 = 0xFFFFFFFF
 PHILOX_KEY_A = 0x9E3779B9
@@ -140,3 +144,21 @@ def randn(
             n2, n3 = box_muller(uint_to_uniform(r[2]), uint_to_uniform(r[3]))
             z[b0:b0 + rows, i0:i0 + cols] = torch.stack((n0, n1, n2, n3), dim=-1)
     return z.reshape(B, 4 * n4)[:, :numel].reshape(B, *shape).to(dtype)
+
+
+def randint(seeds: Sequence[int] | torch.Tensor | int, step: int, stream: int, count: int, high: int, *,
+            device=None) -> torch.Tensor:
+    """Uniform integers in [0, high), int64 [B, count]; value k of sample b depends only on
+    (seeds[b], step, stream, k): counter (k, step, stream, 0), value (r0 * 2^32 + r1) mod high
+    (its bias from uniform is below high / 2^64)."""
+    if not isinstance(high, int) or not 1 <= high < 2**31:
+        raise ValueError(f"high must be an integer in [1, 2**31), got {high!r}")
+    if not isinstance(count, int) or count < 0 or count > MASK32 + 1:
+        raise ValueError(f"count must be an integer in [0, 2**32], got {count!r}")
+    if device is None:
+        device = seeds.device if isinstance(seeds, torch.Tensor) else "cpu"
+    s = as_seeds(seeds, device=torch.device(device), host_check=False)
+    c0 = torch.arange(count, dtype=torch.int64, device=s.device)[None, :]
+    r0, r1, _, _ = philox4x32((s & MASK32)[:, None], (s >> 32)[:, None], c0, int(step), int(stream), 0)
+    # (r0 * 2^32 + r1) mod high without leaving int64: every product stays below 2^62
+    return ((r0 % high) * ((MASK32 + 1) % high) + r1) % high

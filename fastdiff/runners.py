@@ -73,6 +73,13 @@ def capture_graph(body: Callable[[], object], warmup: Callable[[], object] | Non
     return graph, timings
 
 
+def progress_bar(total: int, unit: str, desc: str):
+    """A tqdm bar on stderr that disappears when done (the Sampler decides whether to show one)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, leave=False)
+
+
 class EagerRunner:
     """Runs the static-buffer loop without capture (CPU, graph=False, or a failed graph='auto')."""
 
@@ -85,11 +92,7 @@ class EagerRunner:
     def run(self, x0, seeds, cfg_w, kwargs, progress=False):
         bufs = self.loop.bufs
         bufs.load(x0, seeds, cfg_w, kwargs, float(self.table.c_in[0]))
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=self.table.rows, desc="sampling", unit="step", leave=False)
+        bar = progress_bar(self.table.rows, "step", "sampling") if progress else None
         try:
             self.loop.run(progress=bar)
         finally:
@@ -121,7 +124,7 @@ class GraphRunner(EagerRunner):
         saved = {}
 
         def keep_warmup():  # the warm-up is a real run: its result and check are this call's
-            saved["x"], saved["out_sums"] = bufs.x.clone(), bufs.out_sums.clone()
+            saved["x"], saved["probes"] = bufs.x.clone(), bufs.probes.clone()
 
         try:
             self.graph, timings = capture_graph(self.loop.run, between=keep_warmup)
@@ -132,7 +135,7 @@ class GraphRunner(EagerRunner):
             self.on_capture_error(e)
         else:
             self.timings.update(timings)
-        bufs.out_sums.copy_(saved["out_sums"])  # the warm-up's check, not the capture's
+        bufs.probes.copy_(saved["probes"])  # the warm-up's check, not the capture's
         return saved["x"]
 
     def run(self, x0, seeds, cfg_w, kwargs, progress=False):
@@ -140,12 +143,20 @@ class GraphRunner(EagerRunner):
             return super().run(x0, seeds, cfg_w, kwargs, progress)
         bufs = self.loop.bufs
         bufs.load(x0, seeds, cfg_w, kwargs, float(self.table.c_in[0]))
-        if self.graph is None:
-            result = self._capture()
-        else:
-            self.graph.replay()
-            result = bufs.x.clone()
-        self.loop.raise_if_nonfinite()
+        # one replay runs every step: the bar counts this call (the first: warm-up and capture)
+        bar = progress_bar(1, "call", "sampling (one CUDA graph)") if progress else None
+        try:
+            if self.graph is None:
+                result = self._capture()
+            else:
+                self.graph.replay()
+                result = bufs.x.clone()
+            self.loop.raise_if_nonfinite()  # reads the probes: waits for the replay
+            if bar is not None:
+                bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
         return result
 
     def release(self) -> None:

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import inspect
 import math
+import sys
 import warnings
 from collections import OrderedDict
 
 import torch
 
 from . import rng, runners
-from .devices import on_device
+from .checks import check_finite_tensor, check_number, is_number
+from .devices import check_device, on_device
+from .dtypes import MODEL_DTYPES
 from .executors import EXECUTORS, resolve_backend
 from .grids import SIGMA_GRIDS, SPACINGS, make_grid
 from .guidance import Thresholding, check_guidance_interval, row_guidance
@@ -35,6 +38,7 @@ from .solvers.table import StepTable
 
 CORRECTORS = (None, "langevin")
 GRAPH_MODES = ("auto", True, False)
+DTYPES = MODEL_DTYPES + (torch.float64,)  # the kernels' model dtypes, and a float64 model on the torch backend
 # Every solver but DDIM steps from the clipped D, which is what use_clipped_model_output=True asks
 # of DDIM; Pretrained.sampler_options() asks it whatever the solver until its callers pass theirs.
 _CLIPPED_OUTPUT_ALWAYS = ("use_clipped_model_output", True)
@@ -58,6 +62,15 @@ def _solver_options(solver: str, spacing: str, schedule: Schedule, given: dict) 
     if "t_at" in takes:  # the model timestep at a level off the grid (churn's sigma_hat)
         options["t_at"] = schedule.t_at
     return options
+
+
+def _stderr_is_terminal() -> bool:
+    """Whether a progress bar would reach a person: stderr is a terminal (not a pipe, a log or a
+    replaced stream without isatty)."""
+    try:
+        return bool(sys.stderr.isatty())
+    except (AttributeError, ValueError):  # None, a stream without isatty, a closed file
+        return False
 
 
 def _model_dtype_device(model):
@@ -118,22 +131,28 @@ class Sampler:
             raise ValueError(f"unknown spacing {spacing!r}; allowed: {', '.join(SPACINGS)}")
         if isinstance(sigmas, str) and sigmas not in SIGMA_GRIDS:
             raise ValueError(f"unknown sigmas {sigmas!r}; allowed: None, {', '.join(SIGMA_GRIDS)} or explicit values")
-        if not (isinstance(eta, (int, float)) and eta >= 0):
-            raise ValueError(f"eta must be >= 0, got {eta!r}")
+        check_number("eta", eta, 0, math.inf, lo_open=False, hi_open=True)
         if variance not in VARIANCES:
             raise ValueError(f"unknown variance {variance!r}; allowed: {', '.join(VARIANCES)}")
         if corrector not in CORRECTORS:
             raise ValueError(f"unknown corrector {corrector!r}; allowed: None, 'langevin'")
         if graph not in GRAPH_MODES:
             raise ValueError(f"graph must be 'auto', True or False, got {graph!r}")
-        if not 0 <= guidance_rescale <= 1:
-            raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
+        check_number("guidance_rescale", guidance_rescale, 0, 1, lo_open=False)
         if not isinstance(compile, bool):
             raise ValueError(f"compile must be True or False, got {compile!r}")
         if not isinstance(max_graphs, int) or max_graphs < 1:
             raise ValueError(f"max_graphs must be a positive integer, got {max_graphs!r}")
         self._check_guidance_scale(guidance_scale)
         self.guidance_interval = check_guidance_interval(guidance_interval)  # for every guided sample() call
+        check_number("final_alpha_cumprod", final_alpha_cumprod, 0, 1)
+        if classifier is not None and not callable(classifier):
+            raise ValueError("classifier must be callable as classifier(x, t, **kwargs) -> log p(y|x_t) [B]")
+        if not (is_number(classifier_scale) and math.isfinite(classifier_scale)):
+            raise ValueError(f"classifier_scale must be a finite number, got {classifier_scale!r}")
+        if dtype is not None and dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(map(str, DTYPES))} (the model's input and "
+                             f"output dtype) or None (the model's), got {dtype!r}")
         self.model, self.schedule = model, schedule
         self.guidance_scale = guidance_scale
         self.threshold = Thresholding(
@@ -141,9 +160,10 @@ class Sampler:
             dynamic_ratio=dynamic_thresholding_ratio if thresholding else None, max_value=sample_max_value)
         self.guidance_rescale, self.classifier, self.classifier_scale = guidance_rescale, classifier, classifier_scale
         self.eta, self.spacing = float(eta), spacing
-        self.grid = make_grid(schedule, steps if timesteps is None else len(timesteps), spacing=spacing,
-                              steps_offset=steps_offset, sigmas=sigmas, rho=rho, final_abar=final_alpha_cumprod,
-                              stride_prev=solver in STRIDE_PREV and sigmas is None, timesteps=timesteps)
+        self._grid_options = dict(spacing=spacing, steps_offset=steps_offset, sigmas=sigmas, rho=rho,
+                                  final_abar=final_alpha_cumprod, stride_prev=solver in STRIDE_PREV and sigmas is None,
+                                  timesteps=timesteps)
+        self.grid = make_grid(schedule, steps if timesteps is None else len(timesteps), **self._grid_options)
         self.steps = self.grid.steps
         self._options = _solver_options(solver, spacing, schedule, dict(
             eta=eta, variance=variance, solver_order=solver_order, lower_order_final=lower_order_final,
@@ -156,7 +176,7 @@ class Sampler:
         self.final_units = final_units
         self.table = self._table(0)
         mdtype, mdevice = _model_dtype_device(model)
-        self.device = torch.device(device) if device is not None else (mdevice or torch.device("cpu"))
+        self.device = check_device(device) if device is not None else (mdevice or torch.device("cpu"))
         self.dtype = dtype or mdtype or torch.float32
         self.backend = resolve_backend(backend, self.device, self.dtype)
         self.graph_mode, self.compile, self.max_graphs = graph, compile, max_graphs
@@ -215,8 +235,9 @@ class Sampler:
 
     @torch.no_grad()
     def sample(self, noise: torch.Tensor | None = None, *, shape=None, seeds=None, cond: dict | None = None,
-               uncond: dict | None = None, guidance_scale=None, guidance_interval=None, init: torch.Tensor | None = None,
-               strength: float | None = None, progress: bool = False) -> torch.Tensor:
+               uncond: dict | None = None, guidance_scale=None, guidance_interval=None,
+               init: torch.Tensor | None = None, strength: float | None = None,
+               progress: bool | str | None = None) -> torch.Tensor:
         """Draw samples; returns float32 [B, *S] in data units (see the class docstring).
 
         noise: x_T ~ N(0, I) (scaled by init_noise_sigma here); or shape + seeds, from which
@@ -230,7 +251,17 @@ class Sampler:
         Rows whose weight the host knows to be exactly 1 (a schedule's value times a number
         scale) skip the unconditional half too; a [B] tensor scale keeps its rows [2B].
         init + strength: img2img/SDEdit, starting from init noised to the strength's level.
+        progress: a tqdm bar per model evaluation; None or 'auto' (the default): on for a CPU
+        sampler when stderr is a terminal, off otherwise (pipes, logs, notebooks' captured
+        output, CUDA). On CUDA a captured graph replays the whole loop at once, so its bar
+        counts calls, not steps.
+        Raises FloatingPointError naming the step where a model output, the classifier's
+        gradient or the sample itself became non-finite (noise and init are checked here).
         """
+        if not (progress is None or isinstance(progress, bool) or isinstance(progress, str) and progress == "auto"):
+            raise ValueError(f"progress must be True, False, None or 'auto', got {progress!r}")
+        if progress is None or progress == "auto":
+            progress = self.device.type == "cpu" and _stderr_is_terminal()
         x_T, seeds = self._initial_noise(noise, shape, seeds)
         B = x_T.shape[0]
         schedule, scale = self._guidance(guidance_scale)
@@ -253,17 +284,50 @@ class Sampler:
         kwargs = _batched_kwargs(cond, uncond, cfg, B, self.device)
         cfg_w, guided = None, (False,) * table.rows
         if cfg:
-            s_b = torch.as_tensor(scale if torch.is_tensor(scale) else 1.0, dtype=torch.float32,
-                                  device=self.device).reshape(-1)
-            if s_b.numel() not in (1, B):
-                raise ValueError(f"guidance_scale must be a number or have {B} entries, got {s_b.numel()}")
+            s_b = self._guidance_weights(scale if torch.is_tensor(scale) else 1.0, B)
             rows = row_guidance(table.sigma.tolist(), schedule, scale, interval)
             guided = tuple(f is not None for f in rows)
             f_r = torch.tensor([1.0 if f is None else f for f in rows], dtype=torch.float32, device=self.device)
-            cfg_w = f_r[:, None] * s_b.expand(B)[None]  # [R, B]; unguided rows' weights are never read
+            cfg_w = f_r[:, None] * s_b[None]  # [R, B]; unguided rows' weights are never read
         runner = self._runner(table, start, B, tuple(x_T.shape[1:]), cfg, kwargs, guided)
         with on_device(self.device):  # streams, capture and launches go to the current GPU
             return runner.run(x0, seeds, cfg_w, kwargs, progress)
+
+    def _guidance_weights(self, w, B: int) -> torch.Tensor:
+        """The guidance scale per sample, [B] float32 on the device."""
+        w_t = torch.as_tensor(w, dtype=torch.float32, device=self.device).reshape(-1)
+        if w_t.numel() not in (1, B):
+            raise ValueError(f"guidance_scale must be a number or have {B} entries, got {w_t.numel()}")
+        return w_t.expand(B)
+
+    @torch.no_grad()
+    def invert(self, x0: torch.Tensor, cond: dict | None = None, uncond: dict | None = None, guidance_scale=None,
+               steps: int | None = None, *, mode: str = "exact", iterations: int = 10, sweeps: int = 10,
+               tol: float = 1e-7) -> torch.Tensor:
+        """x_T such that sample(noise=x_T, cond=cond, ...) returns x0: the probability-flow ODE from
+        data to noise on this sampler's grid (fastdiff.inversion). mode 'exact' (every row's model
+        call consistent with its point, by backward sweeps: up to `iterations` calls per row for its
+        own fixed point, up to `sweeps` sweeps, until points and x_T move by less than `tol`) or
+        'naive' (one sweep, each row's model at its known point). Deterministic
+        solvers only (ddim with eta=0, euler, heun, dpmpp_2m, unipc). steps: another step count
+        on the same grid options (a Sampler of that many steps then samples it back)."""
+        from .inversion import check_invertible, invert_table, table_for_steps
+
+        check_invertible(self)
+        if not torch.is_tensor(x0) or x0.ndim < 2:
+            raise ValueError("x0 must be a tensor [B, ...]")
+        table = self.table if steps is None or steps == self.steps else table_for_steps(self, steps)
+        B = x0.shape[0]
+        w = self.guidance_scale if guidance_scale is None else guidance_scale
+        self._check_guidance_scale(w)
+        if callable(w):
+            raise ValueError("invert() takes a number or [B] tensor guidance_scale, not a schedule f(sigma)")
+        cfg = self._check_conditioning(cond, uncond, w, B)
+        x_s = invert_table(self._model(), table, x0.to(self.device, torch.float32),
+                           kwargs=_batched_kwargs(cond, uncond, cfg, B, self.device),
+                           cfg_w=self._guidance_weights(w, B) if cfg else None, mode=mode, iterations=iterations,
+                           sweeps=sweeps, tol=tol, dtype=self.dtype)
+        return x_s / table.init_noise_sigma  # sample() starts from x_T * init_noise_sigma
 
     def _initial_noise(self, noise, shape, seeds):
         if noise is not None:
@@ -271,6 +335,7 @@ class Sampler:
                 raise ValueError("noise must be a tensor [B, ...]")
             if shape is not None and tuple(shape) != tuple(noise.shape):
                 raise ValueError(f"noise shape {tuple(noise.shape)} does not match shape {tuple(shape)}")
+            check_finite_tensor("noise", noise)
             B = noise.shape[0]
             seeds = as_seeds(seeds if seeds is not None else range(B), B, self.device)
             return noise.to(self.device, torch.float32), seeds
@@ -308,8 +373,8 @@ class Sampler:
             return 0
         if not torch.is_tensor(init) or init.shape != x_T.shape:
             raise ValueError(f"init must be a tensor of shape {tuple(x_T.shape)}")
-        if strength is None or not 0 < strength <= 1:
-            raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+        check_finite_tensor("init", init)
+        check_number("strength", strength, 0, 1)
         n = min(int(self.steps * strength), self.steps)
         if n < 1:
             raise ValueError(f"strength={strength} with steps={self.steps} leaves no step to run")

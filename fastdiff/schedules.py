@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from .checks import as_float64
+
 F64 = torch.float64
 
 
@@ -31,7 +33,7 @@ class Schedule:
     process = "vp"  # x_t = alpha_t x_0 + sigma_t eps with alpha^2 + sigma^2 = 1 (FlowSchedule: "flow")
 
     def __init__(self, betas, *, name: str = "custom"):
-        betas = torch.as_tensor(betas, dtype=F64).flatten().clone()
+        betas = as_float64("betas", betas)
         if betas.numel() < 1:
             raise ValueError("betas must hold at least one value")
         if not torch.isfinite(betas).all() or (betas <= 0).any() or (betas > 1).any():
@@ -47,7 +49,7 @@ class Schedule:
 
     @classmethod
     def from_alphas_cumprod(cls, alphas_cumprod, *, name: str = "custom") -> "Schedule":
-        abar = torch.as_tensor(alphas_cumprod, dtype=F64)
+        abar = as_float64("alphas_cumprod", alphas_cumprod)
         return cls(_betas_from_alphas_cumprod(abar), name=name)
 
     @classmethod
@@ -139,8 +141,8 @@ class Schedule:
         """VE sigma at (fractional) timesteps: log-sigma interpolated linearly between integers."""
         t = torch.as_tensor(t, dtype=F64)
         T = self.num_train_timesteps
-        if ((t < 0) | (t > T - 1)).any():
-            raise ValueError(f"timesteps must lie in [0, {T - 1}]")
+        if not bool(((t >= 0) & (t <= T - 1)).all()):  # NaN fails too
+            raise ValueError(f"timesteps must be finite and lie in [0, {T - 1}]")
         log_sigma = self.sigmas.log()
         lo = t.floor().long().clamp(max=T - 2) if T > 1 else t.floor().long()
         if T == 1:

@@ -335,3 +335,8 @@ def test_config_dict_and_overrides():
         Sampler.from_diffusers(scheduler, model, steps=8, eta=0.5)  # DPM's step() takes no eta
     with pytest.raises(ValueError, match="_class_name"):
         Sampler.from_diffusers({"num_train_timesteps": 1000}, model, steps=8)
+    for T in (-1, 0, 2.5):  # diffusers itself would fail inside torch.linspace, naming nothing
+        with pytest.raises(ValueError, match=f"num_train_timesteps must be a positive integer, got {T}"):
+            Sampler.from_diffusers({**config, "num_train_timesteps": T}, model, steps=8)
+        with pytest.raises(ValueError, match=f"num_train_timesteps must be a positive integer, got {T}"):
+            Sampler.from_diffusers(scheduler, model, steps=8, num_train_timesteps=T)

@@ -144,16 +144,16 @@ def test_nonfinite_check_inside_the_graph_reports_the_step():
 def test_compile_model_copies_only_what_it_must(monkeypatch):
     """A conv net already in channels_last is compiled as it is (no second set of weights); one
     that cannot be copied is compiled as it is, with a warning naming why."""
-    from fastdiff import graph
+    from fastdiff import runners
 
     compiled_from = []
     monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled_from.append(m) or m)
     fresh = TinyConvDenoiser()
-    graph.compile_model(fresh)
+    runners.compile_model(fresh)
     assert compiled_from[-1] is not fresh and compiled_from[-1].a.weight.is_contiguous(
         memory_format=torch.channels_last)
     ready = TinyConvDenoiser().to(memory_format=torch.channels_last)
-    graph.compile_model(ready)
+    runners.compile_model(ready)
     assert compiled_from[-1] is ready
 
     class Uncopyable(TinyConvDenoiser):
@@ -162,7 +162,7 @@ def test_compile_model_copies_only_what_it_must(monkeypatch):
 
     odd = Uncopyable()
     with pytest.warns(UserWarning, match="could not be copied \\(RuntimeError: hooked\\)"):
-        graph.compile_model(odd)
+        runners.compile_model(odd)
     assert compiled_from[-1] is odd
 
 

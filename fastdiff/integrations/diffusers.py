@@ -110,6 +110,9 @@ def _fresh_scheduler(scheduler_or_config, overrides: dict):
         raise ValueError(f"expected a diffusers scheduler or its config, got {type(scheduler_or_config).__name__}")
     fields = set(inspect.signature(cls.__init__).parameters) - {"self"}
     config_kw = {k: overrides.pop(k) for k in list(overrides) if k in fields}
+    T = config_kw.get("num_train_timesteps", config.get("num_train_timesteps"))  # else diffusers fails inside torch
+    if T is not None and (not isinstance(T, int) or isinstance(T, bool) or T < 1):
+        raise ValueError(f"num_train_timesteps must be a positive integer, got {T!r}")
     return cls.from_config(config, **config_kw)
 
 

@@ -9,10 +9,12 @@ extra torch pass (device reductions, no host sync), between fused steps.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+from ..checks import check_number
 from ..schedules import Schedule
 from .table import StepTable
 
@@ -27,8 +29,7 @@ class Corrector:
     def __post_init__(self):
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
             raise ValueError(f"corrector_steps must be a positive integer, got {self.steps!r}")
-        if not self.snr > 0:
-            raise ValueError(f"snr must be > 0, got {self.snr}")
+        check_number("snr", self.snr, 0, math.inf, hi_open=True)
 
 
 def attach(table: StepTable, schedule: Schedule, corrector: Corrector) -> StepTable:
