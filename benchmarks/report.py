@@ -51,6 +51,8 @@ def summarize(pb: dict, meta: dict) -> dict:
     for c in cases:
         if c.get("kind") == "side_by_side":
             _side_by_side(c)
+        elif c.get("kind") == "pipeline_side_by_side":
+            _pipeline_side_by_side(c)
     machine = dict(meta.get("machine", {}))
     cpu = pb.get("machine_info", {}).get("cpu", {})
     machine.setdefault("cpu_brand", cpu.get("brand_raw"))
@@ -135,6 +137,15 @@ def _side_by_side(c: dict) -> None:
     if "fastdiff-noop" in med:  # the sampler's own work, timed directly (model replaced by a no-op)
         c["overhead_s"] = {"fastdiff": med["fastdiff-noop"], "diffusers": med.get("diffusers-noop")}
         c["ratio_from_overhead"] = 1 + med["fastdiff-noop"] / med["model-eager"]
+
+
+def _pipeline_side_by_side(c: dict) -> None:
+    """A pipeline, original against accelerated, interleaved: the median per-round speedup and its interval."""
+    c["round"] = {k: c.pop(k) for k in ("median_s", "q1_s", "q3_s", "iqr_s", "min_s", "max_s", "rounds", "samples_s")}
+    samples = c.pop("samples_by_impl")
+    c["by_impl"] = {impl: sample_stats(s) for impl, s in samples.items()}
+    c["paired"] = {"speedup_over_diffusers": paired_ratio(samples["diffusers"], samples["fastdiff"])}
+    c["speedup_over_diffusers"] = c["paired"]["speedup_over_diffusers"]["median"]
 
 
 def _find(results: dict, **match) -> dict | None:
@@ -296,6 +307,23 @@ def markdown(results: dict, png_name: str | None) -> str:
         lines += table(["impl", "median (IQR)", "min"],
                        [[impl, f"{fmt_time(st['median_s'])} ({fmt_time(st['iqr_s'])})", fmt_time(st["min_s"])]
                         for impl, st in c["by_impl"].items()])
+    pipelines = [c for c in results["cases"] if c.get("kind") == "pipeline_side_by_side"]
+    if pipelines:
+        lines += ["", "## Pipelines end to end: the original against accelerate(pipeline)", "",
+                  ("Interleaved rounds (order rotated every round); the speedup is the median of the per-round "
+                   "ratios original / accelerated, with a distribution-free interval (its coverage given). "
+                   "Everything outside the loop is the pipeline's own in both. First call: accelerate's "
+                   "includes building its sampler (on CUDA the graph warm-up and capture)."), ""]
+        lines += table(["pipeline", "scheduler, steps, batch", "original", "accelerated", "speedup (interval)",
+                        "first call (original / accelerated)"],
+                       [[c["pipeline"], f"{c['scheduler']}, {c['steps']}, {c['batch']}{' CFG' if c['cfg'] else ''}",
+                         fmt_time(c["by_impl"]["diffusers"]["median_s"]),
+                         fmt_time(c["by_impl"]["fastdiff"]["median_s"]),
+                         (f"{c['speedup_over_diffusers']:.3f}x ({c['paired']['speedup_over_diffusers']['ci'][0]:.3f}-"
+                          f"{c['paired']['speedup_over_diffusers']['ci'][1]:.3f}, "
+                          f"{100 * c['paired']['speedup_over_diffusers']['ci_coverage']:.0f}%)"),
+                         f"{fmt_time(c['first_call_s']['diffusers'])} / {fmt_time(c['first_call_s']['fastdiff'])}"]
+                        for c in pipelines])
     if results["one_time"]:
         lines += ["", "## One-time costs", "",
                   ("First call: everything before the first result (buffers; on CUDA with graph=True the "

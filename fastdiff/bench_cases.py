@@ -366,3 +366,75 @@ def model_alone(lm: LoopModel, device, graph: bool = False,
         return x, t, kwargs
 
     return run, lm.steps
+
+
+# ---- pipelines: a diffusers pipeline and accelerate(pipeline), end to end -----------------
+@dataclass
+class PipelineCase:
+    """A tiny random-weight pipeline and the keywords of one call (embeddings, no tokenizer)."""
+    name: str
+    pipe: object
+    call: dict
+    info: dict = field(default_factory=dict)
+
+
+def tiny_sdxl_pipeline(device, batch: int = 2, steps: int = 10, size: int = 16) -> PipelineCase:
+    """StableDiffusionXLPipeline with its default EulerDiscreteScheduler: a 2-block U-Net with SDXL's
+    text-time conditioning, a 2-block VAE, CFG 5 over random prompt/pooled embeddings; latents size^2."""
+    import diffusers
+
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 16,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=2 * size)
+    scheduler = diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                                 timestep_spacing="leading", steps_offset=1)
+    pipe = diffusers.StableDiffusionXLPipeline(vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=None,
+                                               tokenizer_2=None, unet=unet, scheduler=scheduler,
+                                               add_watermarker=False).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    r = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
+    call = dict(prompt_embeds=r(batch, 8, 32), pooled_prompt_embeds=r(batch, 16),
+                negative_prompt_embeds=r(batch, 8, 32), negative_pooled_prompt_embeds=r(batch, 16),
+                guidance_scale=5.0, num_inference_steps=steps, output_type="np")
+    info = dict(case=f"tiny-sdxl-b{batch}", pipeline="StableDiffusionXLPipeline", scheduler="EulerDiscreteScheduler",
+                steps=steps, batch=batch, cfg=True, latent=[4, size, size])
+    return PipelineCase("sdxl", pipe, call, info)
+
+
+def tiny_flux_pipeline(device, batch: int = 2, steps: int = 10, size: int = 16) -> PipelineCase:
+    """FluxPipeline with its dynamically shifted FlowMatchEulerDiscreteScheduler: a one double-, one
+    single-stream-block transformer with the guidance embedding (3.5), a 2-block VAE, random
+    prompt/pooled embeddings; latents size^2, packed into (size / 2)^2 tokens."""
+    import diffusers
+
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    transformer = diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True,
+        axes_dims_rope=(4, 4, 8))
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=2 * size,
+        shift_factor=0.0609, scaling_factor=1.5035)
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                          base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = diffusers.FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=None,
+                                  tokenizer=None, text_encoder_2=None, tokenizer_2=None).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    r = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
+    call = dict(prompt_embeds=r(batch, 8, 32), pooled_prompt_embeds=r(batch, 16), guidance_scale=3.5,
+                height=2 * size, width=2 * size, num_inference_steps=steps, output_type="np")
+    info = dict(case=f"tiny-flux-b{batch}", pipeline="FluxPipeline", scheduler="FlowMatchEulerDiscreteScheduler",
+                steps=steps, batch=batch, cfg=False, latent=[4, size, size])
+    return PipelineCase("flux", pipe, call, info)
+
+
+PIPELINE_CASES = {"sdxl": tiny_sdxl_pipeline, "flux": tiny_flux_pipeline}

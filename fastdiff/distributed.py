@@ -1,7 +1,9 @@
 """torch.distributed for bulk sampling: which rank am I, init/teardown, and a local launcher.
 
-Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) `distributed()` joins the process group:
-NCCL on GPUs, gloo on the CPU. `launch(n, fn)` spawns n local ranks without torchrun and,
+Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) `distributed()` joins the process group
+over gloo whatever the sampling device: the collectives carry a few numbers per batch, and
+NCCL refuses two ranks on one GPU ("Duplicate GPU detected"), which more ranks than GPUs
+(torchrun --nproc_per_node 2 on a one-GPU machine) gives. `launch(n, fn)` spawns n local ranks without torchrun and,
 when one dies, names the rank that failed first rather than the peers whose collectives
 broke because of it.
 """
@@ -68,8 +70,8 @@ def current_ranks() -> Ranks:
 
 @contextmanager
 def distributed(device: str | None = None):
-    """Join the process group that torchrun (or launch) describes in RANK/WORLD_SIZE;
-    NCCL on GPUs, gloo on the CPU. Yields (Ranks, the device to sample on)."""
+    """Join the process group that torchrun (or launch) describes in RANK/WORLD_SIZE, over
+    gloo (module docstring). Yields (Ranks, the device to sample on)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
@@ -88,7 +90,7 @@ def distributed(device: str | None = None):
         torch.cuda.set_device(sample_device)
     created = False
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=sample_device if use_cuda else None)
+        dist.init_process_group("gloo")  # not NCCL: ranks may share a GPU (module docstring)
         created = True
     yield current_ranks(), sample_device
     # Not on an error: the connections stay open until this rank has recorded its error and

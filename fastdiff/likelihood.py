@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import rng
+from . import conditioning, rng
 from .dtypes import MODEL_DTYPES
 from .executors import resolve_backend
 from .grids import karras_sigmas
@@ -228,14 +228,9 @@ def _inputs(model, schedule, x0, prediction, seeds, cond, dtype):
 
 
 def _check_cond(cond, B, device) -> dict:
-    if cond is None:
-        return {}
-    if not isinstance(cond, dict):
-        raise ValueError("cond must be a dict of model keyword arguments")
-    for k, v in cond.items():
-        if not torch.is_tensor(v) or v.ndim == 0 or v.shape[0] != B:
-            raise ValueError(f"cond[{k!r}] must be a tensor batched along dim 0 with {B} rows")
-    return {k: v.to(device) for k, v in cond.items()}
+    """cond as sample() takes it (nested, tensor leaves batched; fastdiff/conditioning.py), on `device`."""
+    conditioning.check(cond, None, B)
+    return conditioning.batched(cond, None, False, device)
 
 
 def _terms(model, x0, seeds, cond, t, steps, abar, coef_t, mdtype, backend, decoder, bins, dec_var):
@@ -246,7 +241,7 @@ def _terms(model, x0, seeds, cond, t, steps, abar, coef_t, mdtype, backend, deco
     a = abar[t].reshape(B, k, *([1] * len(S)))
     x_t = (a.sqrt() * x0[:, None].double() + (1.0 - a).sqrt() * z.double()).to(mdtype).flatten(0, 1)  # [B*k, *S]
     rows = t.reshape(-1)
-    kwargs = {name: v.repeat_interleave(k, 0) for name, v in cond.items()}
+    kwargs = conditioning.map_tensors(lambda v: v.repeat_interleave(k, 0), cond)
     out = checked_output(model(x_t, rows.to(torch.float32), **kwargs), x_t)
     if not bool(torch.isfinite(out).all()):
         bad = rows[~torch.isfinite(out.flatten(1)).all(1)]
@@ -329,7 +324,7 @@ def log_likelihood(model, schedule: Schedule, x0: torch.Tensor, *, steps: int = 
         z = rng.randn(seeds, 0, STREAM_DEQUANT, S, device=device).double()
         y = (x0.double() + (torch.special.ndtr(z) - 0.5) * (2.0 / (bins - 1))).to(work)
     K = N if exact_trace else probes  # rows per sample in each model call
-    kwargs = {name: v.repeat_interleave(K, 0) for name, v in cond.items()}
+    kwargs = conditioning.map_tensors(lambda v: v.repeat_interleave(K, 0), cond)
     s_max = schedule.sigma_max
     grid = [0.0] + karras_sigmas(schedule.sigma_min, s_max, steps, rho).flip(0).tolist()  # increasing
     calls = 0

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from . import rng
+from . import conditioning, rng
 from .guidance import classifier_grad, classifier_guided
 from .models.adapters import plain_output
 from .rng import STREAM_CORRECTOR
@@ -55,14 +55,14 @@ class LoopBuffers:
         self.t = table.t_model.to(**f32)[:, None].expand(table.rows, G * batch).contiguous()  # [R, G*B]
         self.probes = torch.zeros((table.rows, len(PROBES)), dtype=torch.float64, device=device)  # per row, PROBES
         self.probe = [list(row.unbind()) for row in self.probes.unbind()]  # views [r][slot]: no indexing per call
-        self.cond: dict[str, torch.Tensor] = {}
+        self.cond: dict | None = None  # the model's keyword arguments, static copies (load)
 
     def model_args(self, r: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(x, t, conditioning) of row r's model call: [2B] at a guided row, else the [B] conditional half."""
         if self.guided[r] or not self.cfg:
             return self.model_in, self.t[r], self.cond
         B = self.batch
-        return self.model_in_cond, self.t[r][B:], _rows_from(self.cond, -B)
+        return self.model_in_cond, self.t[r][B:], cond_half(self.cond, B)
 
     def write_model_input(self, value: torch.Tensor, both: bool = True) -> None:
         """The next model input; `both`=False writes the conditional half only (an unguided row next)."""
@@ -78,22 +78,15 @@ class LoopBuffers:
         self.seeds.copy_(seeds)
         if self.cfg:
             self.cfg_w.copy_(cfg_w)
-        for k, v in cond.items():
-            if k not in self.cond or self.cond[k].shape != v.shape or self.cond[k].dtype != v.dtype:
-                self.cond[k] = torch.empty_like(v)
-            self.cond[k].copy_(v)
+        self.cond = conditioning.copy_into(self.cond, cond)  # nested; see fastdiff/conditioning.py
         self.probes.zero_()
         self.write_model_input(c_in0 * self.x if self.point is None else c_in0 * self.point)
 
 
-def _rows_from(tree, start: int):
-    """Every tensor of a (nested) conditioning dict sliced to its rows [start:] (views; start=-B:
-    the conditional half of [uncond; cond], or all of a [B] one)."""
-    if torch.is_tensor(tree):
-        return tree[start:]
-    if isinstance(tree, dict):
-        return {k: _rows_from(v, start) for k, v in tree.items()}
-    return tree
+def cond_half(cond, B: int):
+    """The conditional half of (nested) conditioning: every tensor's last B rows, as views (all
+    of a [B] one)."""
+    return conditioning.map_tensors(lambda v: v[-B:], cond)
 
 
 def nonfinite_probe(out: torch.Tensor) -> torch.Tensor:
@@ -142,8 +135,7 @@ class Loop:
         b.probe[r][MODEL_OUTPUT].add_(nonfinite_probe(out))
         if self.classifier is not None:
             B = b.batch
-            grad = classifier_grad(self.classifier, b.model_in_cond, b.t[r][-B:],
-                                   _rows_from(b.cond, -B))  # the conditional half
+            grad = classifier_grad(self.classifier, b.model_in_cond, b.t[r][-B:], cond_half(b.cond, B))
             b.probe[r][CLASSIFIER_GRADIENT].add_(nonfinite_probe(grad))
             out = classifier_guided(out, grad, self.classifier_scale, self.abar[r], self.executor.d_out[r])
         return out

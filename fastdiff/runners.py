@@ -73,11 +73,16 @@ def capture_graph(body: Callable[[], object], warmup: Callable[[], object] | Non
     return graph, timings
 
 
-def progress_bar(total: int, unit: str, desc: str):
-    """A tqdm bar on stderr that disappears when done (the Sampler decides whether to show one)."""
+def progress_bar(total: int, unit: str, desc: str, progress):
+    """A tqdm bar on stderr that disappears when done, or None when `progress` is False (the
+    Sampler decides); a dict `progress` holds tqdm options that override these (a pipeline's
+    set_progress_bar_config, `disable=True` included)."""
+    if progress is False or progress is None:
+        return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, leave=False)
+    return tqdm(**{"total": total, "desc": desc, "unit": unit, "leave": False,
+                   **(progress if isinstance(progress, dict) else {})})
 
 
 class EagerRunner:
@@ -92,7 +97,7 @@ class EagerRunner:
     def run(self, x0, seeds, cfg_w, kwargs, progress=False):
         bufs = self.loop.bufs
         bufs.load(x0, seeds, cfg_w, kwargs, float(self.table.c_in[0]))
-        bar = progress_bar(self.table.rows, "step", "sampling") if progress else None
+        bar = progress_bar(self.table.rows, "step", "sampling", progress)
         try:
             self.loop.run(progress=bar)
         finally:
@@ -144,7 +149,7 @@ class GraphRunner(EagerRunner):
         bufs = self.loop.bufs
         bufs.load(x0, seeds, cfg_w, kwargs, float(self.table.c_in[0]))
         # one replay runs every step: the bar counts this call (the first: warm-up and capture)
-        bar = progress_bar(1, "call", "sampling (one CUDA graph)") if progress else None
+        bar = progress_bar(1, "call", "sampling (one CUDA graph)", progress)
         try:
             if self.graph is None:
                 result = self._capture()

@@ -19,7 +19,7 @@ from collections import OrderedDict
 
 import torch
 
-from . import rng, runners
+from . import conditioning, rng, runners
 from .checks import check_finite_tensor, check_number, is_number
 from .devices import check_device, on_device
 from .dtypes import MODEL_DTYPES
@@ -237,12 +237,13 @@ class Sampler:
     def sample(self, noise: torch.Tensor | None = None, *, shape=None, seeds=None, cond: dict | None = None,
                uncond: dict | None = None, guidance_scale=None, guidance_interval=None,
                init: torch.Tensor | None = None, strength: float | None = None,
-               progress: bool | str | None = None) -> torch.Tensor:
+               progress: bool | str | dict | None = None) -> torch.Tensor:
         """Draw samples; returns float32 [B, *S] in data units (see the class docstring).
 
         noise: x_T ~ N(0, I) (scaled by init_noise_sigma here); or shape + seeds, from which
-        noise is drawn per sample.  cond/uncond: model keyword arguments batched along dim 0;
-        with uncond and a guidance scale, one batched [uncond; cond] call per step.
+        noise is drawn per sample.  cond/uncond: model keyword arguments, tensors batched along
+        dim 0, nested in dicts/lists/tuples at any depth (fastdiff/conditioning.py); with uncond
+        and a guidance scale, one batched [uncond; cond] call per step.
         guidance_scale: a number, a [B] tensor (per sample) or a callable f(sigma) -> float (a
         schedule over the model-call VE sigma, evaluated once per row on the host); a schedule
         and a scale multiply (the Sampler's schedule times sample()'s scale, or the reverse).
@@ -254,12 +255,14 @@ class Sampler:
         progress: a tqdm bar per model evaluation; None or 'auto' (the default): on for a CPU
         sampler when stderr is a terminal, off otherwise (pipes, logs, notebooks' captured
         output, CUDA). On CUDA a captured graph replays the whole loop at once, so its bar
-        counts calls, not steps.
+        counts calls, not steps. A dict of tqdm options (a pipeline's progress bar config) shows
+        a bar with those options.
         Raises FloatingPointError naming the step where a model output, the classifier's
         gradient or the sample itself became non-finite (noise and init are checked here).
         """
-        if not (progress is None or isinstance(progress, bool) or isinstance(progress, str) and progress == "auto"):
-            raise ValueError(f"progress must be True, False, None or 'auto', got {progress!r}")
+        if not (progress is None or isinstance(progress, (bool, dict)) or isinstance(progress, str)
+                and progress == "auto"):
+            raise ValueError(f"progress must be True, False, None, 'auto' or a dict of tqdm options, got {progress!r}")
         if progress is None or progress == "auto":
             progress = self.device.type == "cpu" and _stderr_is_terminal()
         x_T, seeds = self._initial_noise(noise, shape, seeds)
@@ -281,7 +284,7 @@ class Sampler:
             x0 = x0 * (math.sqrt(a * a + b * b) / input_scale(table.space, self.grid.process, abar))
         if table.init_churn:  # the first step's re-heating, before the first model call (StepTable.noise_ahead)
             x0 = x0 + table.init_churn * rng.randn(seeds, 0, STREAM_STEP, x0.shape[1:], device=self.device)
-        kwargs = _batched_kwargs(cond, uncond, cfg, B, self.device)
+        kwargs = conditioning.batched(cond, uncond, cfg, self.device)
         cfg_w, guided = None, (False,) * table.rows
         if cfg:
             s_b = self._guidance_weights(scale if torch.is_tensor(scale) else 1.0, B)
@@ -324,7 +327,7 @@ class Sampler:
             raise ValueError("invert() takes a number or [B] tensor guidance_scale, not a schedule f(sigma)")
         cfg = self._check_conditioning(cond, uncond, w, B)
         x_s = invert_table(self._model(), table, x0.to(self.device, torch.float32),
-                           kwargs=_batched_kwargs(cond, uncond, cfg, B, self.device),
+                           kwargs=conditioning.batched(cond, uncond, cfg, self.device),
                            cfg_w=self._guidance_weights(w, B) if cfg else None, mode=mode, iterations=iterations,
                            sweeps=sweeps, tol=tol, dtype=self.dtype)
         return x_s / table.init_noise_sigma  # sample() starts from x_T * init_noise_sigma
@@ -350,20 +353,11 @@ class Sampler:
         return rng.randn(seeds, 0, STREAM_INIT, shape[1:], device=self.device), seeds
 
     def _check_conditioning(self, cond, uncond, w, B) -> bool:
-        for name, d in (("cond", cond), ("uncond", uncond)):
-            if d is None:
-                continue
-            if not isinstance(d, dict):
-                raise ValueError(f"{name} must be a dict of model keyword arguments")
-            for k, v in d.items():
-                if torch.is_tensor(v) and (v.ndim == 0 or v.shape[0] != B):
-                    raise ValueError(f"{name}[{k!r}] must be batched along dim 0 with {B} rows")
+        conditioning.check(cond, uncond, B)
         if w is not None and uncond is None:
             raise ValueError("guidance_scale needs uncond= (the unconditional model keyword arguments)")
         if uncond is not None and w is None:
             raise ValueError("uncond given without a guidance_scale")
-        if uncond is not None and set(uncond) != set(cond or {}):
-            raise ValueError(f"cond and uncond must have the same keys, got {sorted(cond or {})} and {sorted(uncond)}")
         return uncond is not None
 
     def _start_step(self, init, strength, x_T) -> int:
@@ -388,8 +382,7 @@ class Sampler:
         # OptimizedModule forwards len() to the model, which raises for most nn.Modules
 
     def _runner(self, table, start, B, sample_shape, cfg, kwargs, guided):
-        key = (start, B, sample_shape, self.dtype, cfg, guided,
-               tuple((k, v.shape, v.dtype) for k, v in kwargs.items()))
+        key = (start, B, sample_shape, self.dtype, cfg, guided, conditioning.signature(kwargs))
         if key in self._runners:
             self._runners.move_to_end(key)
             return self._runners[key]
@@ -434,13 +427,3 @@ class Sampler:
     def num_cached_graphs(self) -> int:
         return sum(1 for r in self._runners.values() if getattr(r, "graph", None) is not None)
 
-
-def _batched_kwargs(cond, uncond, cfg, B, device) -> dict:
-    cond = cond or {}
-    out = {}
-    for k, v in cond.items():
-        if not torch.is_tensor(v):
-            raise ValueError(f"cond[{k!r}] must be a tensor batched along dim 0")
-        v = v.to(device)
-        out[k] = torch.cat([uncond[k].to(device), v]) if cfg else v
-    return out

@@ -5,7 +5,8 @@
     gaussian_kl      the variational bound's denoising KLs, one per row, fused (gaussian_kl.py)
     schedule_tables  alphas_cumprod, SNRs and DDPM posterior tables on the device (schedule_tables.py)
 
-philox.py holds the in-kernel normal draw, bit-compatible with fastdiff.rng.
+philox.py holds the in-kernel normal draw, bit-compatible with fastdiff.rng; tiles.py the 1-D
+grid of (samples, chunk) tiles the per-sample kernels launch.
 """
 from .affine_step import affine_step
 from .forward_noise import forward_noise

@@ -26,6 +26,7 @@ from fastdiff.dtypes import MODEL_DTYPES
 from fastdiff.rng import STREAM_STEP
 
 from .philox import normal_block
+from .tiles import NUM_WARPS, launch_grid, sample_tile, tile_shape
 
 ROW_WIDTH = 3 + 3 * NCOL  # [d_point, d_out, c_in_next, state[NCOL], point[NCOL], push[NCOL]]
 # in-kernel column offsets of the row (constexpr globals)
@@ -42,15 +43,11 @@ def _affine_step_kernel(
     HAS_POINT: tl.constexpr, CFG: tl.constexpr,
     K: tl.constexpr, PUSH: tl.constexpr, NOISE: tl.constexpr, CLIP: tl.constexpr,
     THRESH: tl.constexpr, OUT_SCALE: tl.constexpr, WRITE_MODEL_IN: tl.constexpr,
-    MODEL_IN_CFG: tl.constexpr, STREAM: tl.constexpr, BLOCK: tl.constexpr,
+    MODEL_IN_CFG: tl.constexpr, STREAM: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    chunk = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    start = chunk.to(tl.int64) * BLOCK
-    e = start + tl.arange(0, BLOCK)  # element index within the sample
-    mask = e < N
-    offs = b * N + e  # [B, N] row b
-    offs_cond = (b + B) * N + e  # [2B, N] row B + b
+    b, e, start, mask, in_batch = sample_tile(B, N, ROWS, BLOCK)  # kernels/tiles.py
+    offs = b * N + e  # [ROWS, BLOCK] of rows b of [B, N]
+    offs_cond = (b + B) * N + e  # rows B + b of [2B, N]
 
     r = coef_ptr + row.to(tl.int64) * _W
     d_point = tl.load(r + 0)
@@ -65,18 +62,18 @@ def _affine_step_kernel(
 
     o = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if CFG:
-        w = tl.load(cfg_w_ptr + b)
+        w = tl.load(cfg_w_ptr + b, mask=in_batch, other=0.0)
         c = tl.load(out_ptr + offs_cond, mask=mask, other=0.0).to(tl.float32)
         o = o + w * (c - o)
     if OUT_SCALE:
-        o = o * tl.load(out_scale_ptr + b)
+        o = o * tl.load(out_scale_ptr + b, mask=in_batch, other=1.0)
 
     d_raw = d_point * p_in + d_out * o
     d = d_raw
     if CLIP:
         d = tl.minimum(tl.maximum(d_raw, -clip), clip)
     if THRESH:
-        s = tl.load(thresh_ptr + b)
+        s = tl.load(thresh_ptr + b, mask=in_batch, other=1.0)
         d = tl.div_rn(tl.minimum(tl.maximum(d_raw, -s), s), s)  # IEEE division, as torch
 
     # x_next = state . V, point' = point_row . V over V = [x, D, D_raw, H0, H1, H2, z]
@@ -107,8 +104,8 @@ def _affine_step_kernel(
         if PUSH:
             q += tl.load(r + _Q + 5) * h
     if NOISE:
-        seed = tl.load(seed_ptr + b)
-        z = normal_block(seed, start, counter, STREAM, BLOCK)
+        seed = tl.load(seed_ptr + b, mask=in_batch, other=0)
+        z = normal_block(seed, start, counter, STREAM, ROWS, BLOCK)
         x_next += tl.load(r + _S + 6) * z
         if HAS_POINT:
             p_next += tl.load(r + _P + 6) * z
@@ -211,9 +208,9 @@ def affine_step(
     if B == 0 or N == 0:
         return
 
-    BLOCK = min(1024, max(16, triton.next_power_of_2(N)))
+    ROWS, BLOCK = tile_shape(N)
+    grid = launch_grid("affine_step", B, N, ROWS, BLOCK)
     h = list(history) + [x] * (MAX_HISTORY - len(history))  # unused slots: never read
-    grid = (triton.cdiv(N, BLOCK), B)
     with on_device(x):
         _affine_step_kernel[grid](
             coef, row, row if noise_counter is None else int(noise_counter),
@@ -226,5 +223,5 @@ def affine_step(
             THRESH=thresh is not None, OUT_SCALE=out_scale is not None,
             WRITE_MODEL_IN=model_in is not None,
             MODEL_IN_CFG=model_in is not None and model_in.shape[0] == 2 * B,
-            STREAM=STREAM_STEP, BLOCK=BLOCK, num_warps=4,
+            STREAM=STREAM_STEP, ROWS=ROWS, BLOCK=BLOCK, num_warps=NUM_WARPS,
         )

@@ -15,28 +15,25 @@ from fastdiff.dtypes import MODEL_DTYPES
 from fastdiff.rng import STREAM_FORWARD
 
 from .philox import normal_block
+from .tiles import NUM_WARPS, launch_grid, sample_tile, tile_shape
 
 
 @triton.jit
 def _forward_noise_kernel(
-    x0_ptr, abar_ptr, seed_ptr, noise_ptr, out_ptr, step, N,
-    HAS_NOISE: tl.constexpr, STREAM: tl.constexpr, BLOCK: tl.constexpr,
+    x0_ptr, abar_ptr, seed_ptr, noise_ptr, out_ptr, step, B, N,
+    HAS_NOISE: tl.constexpr, STREAM: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    chunk = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    start = chunk.to(tl.int64) * BLOCK
-    e = start + tl.arange(0, BLOCK)
-    mask = e < N
-    offs = b * N + e
+    b, e, start, mask, in_batch = sample_tile(B, N, ROWS, BLOCK)  # kernels/tiles.py
+    offs = b * N + e  # [ROWS, BLOCK] of rows b of [B, N]
 
-    abar = tl.load(abar_ptr + b).to(tl.float64)  # per-sample scalars: exact sqrt in fp64
+    abar = tl.load(abar_ptr + b, mask=in_batch, other=0.0).to(tl.float64)  # per-sample: exact sqrt in fp64
     a = tl.sqrt(abar).to(tl.float32)
     s = tl.sqrt(1.0 - abar).to(tl.float32)
     x0 = tl.load(x0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_NOISE:
         z = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     else:
-        z = normal_block(tl.load(seed_ptr + b), start, step, STREAM, BLOCK)
+        z = normal_block(tl.load(seed_ptr + b, mask=in_batch, other=0), start, step, STREAM, ROWS, BLOCK)
     tl.store(out_ptr + offs, (a * x0 + s * z).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -74,10 +71,12 @@ def forward_noise(
     if B == 0 or N == 0:
         return out
     abar, seeds = abar.contiguous(), seeds.contiguous()  # the kernel reads abar[b], seeds[b]
-    BLOCK = min(1024, max(16, triton.next_power_of_2(N)))
+    ROWS, BLOCK = tile_shape(N)
+    grid = launch_grid("forward_noise", B, N, ROWS, BLOCK)
     with on_device(x0):
-        _forward_noise_kernel[(triton.cdiv(N, BLOCK), B)](
-            x0, abar, seeds, noise if noise is not None else x0, out, int(step), N,
-            HAS_NOISE=noise is not None, STREAM=STREAM_FORWARD, BLOCK=BLOCK, num_warps=4,
+        _forward_noise_kernel[grid](
+            x0, abar, seeds, noise if noise is not None else x0, out, int(step), B, N,
+            HAS_NOISE=noise is not None, STREAM=STREAM_FORWARD, ROWS=ROWS, BLOCK=BLOCK,
+            num_warps=NUM_WARPS,
         )
     return out

@@ -262,3 +262,19 @@ def test_each_rank_takes_local_rank_modulo_the_gpus_it_sees(monkeypatch, gpus, l
     monkeypatch.setenv("LOCAL_RANK", str(local_rank))
     with bulk.distributed("cuda") as (_, device):
         assert device == torch.device(want) and chosen == [device]
+
+
+def test_more_ranks_than_gpus_join_over_gloo(monkeypatch):
+    """torchrun --nproc_per_node 2 on a one-GPU machine: both ranks sample on cuda:0, so the
+    collectives must not be NCCL's (it aborts with "Duplicate GPU detected")."""
+    fake_gpus(monkeypatch, 1)
+    backends = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: backends.append(backend))
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in (0, 1):
+        monkeypatch.setenv("LOCAL_RANK", str(rank))
+        with bulk.distributed("cuda") as (_, device):
+            assert device == torch.device("cuda:0")
+    assert backends == ["gloo", "gloo"]

@@ -152,6 +152,12 @@ def test_model_dtypes(kernel_device, out_dtype, model_in_dtype, cfg):
              K=1, push=0, seed=3)
 
 
+def test_more_samples_than_a_grid_axis_holds(kernel_device):
+    """B = 65541 > 65535 (a GPU grid's axes 1-2) samples of 3 elements: the tiles of samples
+    past 65535 (int64 offsets, per-sample seeds, CFG weights, thresholds) equal the reference."""
+    run_case(kernel_device, (65541, 3), cfg=True, K=1, push=0, thresh=True, model_in_dtype=torch.float16, seed=5)
+
+
 @pytest.mark.parametrize("shape", SHAPES[1:], ids=lambda s: "x".join(map(str, s)))
 def test_noise_is_rng(kernel_device, shape):
     """A row x_next = z: the kernel's noise is fastdiff.rng's (up to float32 log/cos ulps)."""

@@ -44,6 +44,17 @@ def test_matches_reference(kernel_device, shape, dtype, given_noise):
     _assert_close(out.cpu(), reference(x0, abar, seeds, 5, noise), dtype)
 
 
+def test_more_samples_than_a_grid_axis_holds(kernel_device, N=3):
+    """add_noise over 65541 points (> 65535, a GPU grid's axes 1-2): every sample's noise is
+    its own seed's, past 65535 too."""
+    B = 65541
+    g = torch.Generator().manual_seed(N)
+    x0, abar = torch.randn(B, N, generator=g), torch.rand(B, generator=g, dtype=torch.float64)
+    seeds = torch.randint(0, 2**62, (B,), generator=g)
+    out = forward_noise(x0.to(kernel_device), abar.to(kernel_device), seeds.to(kernel_device), step=2)
+    _assert_close(out.cpu(), reference(x0, abar, seeds, 2), torch.float32)
+
+
 def test_allocates_and_in_place(kernel_device):
     x0 = torch.randn(2, 3, 8, device=kernel_device)
     abar = torch.tensor([0.25, 0.81], device=kernel_device)  # float32 abar

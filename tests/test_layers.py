@@ -16,7 +16,7 @@ LAYERS = [
     # the command line (being reorganised into one sample path: cycles among these are tolerated for now)
     ("cli", {"__main__", "cli", "sample_cmd", "bulk", "evaluate", "nll_eval", "train", "models.train_classifier"}),
     ("front", {"__init__", "integrations", "bench", "bench_cases", "distributed"}),
-    ("sampling", {"sampler", "runners", "loop", "executors", "noising", "likelihood", "inversion"}),
+    ("sampling", {"sampler", "runners", "loop", "executors", "noising", "likelihood", "inversion", "conditioning"}),
     ("compilers", {"solvers", "models"}),
     ("base", {"schedules", "grids", "kernels", "rng", "guidance", "dtypes", "devices", "columns", "seeds",
               "checks"}),

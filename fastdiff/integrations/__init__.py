@@ -1,1 +1,2 @@
-"""Adapters to other libraries (diffusers.py: schedulers and pipelines); each imports its library lazily."""
+"""Adapters to other libraries, each importing its library lazily: diffusers.py (schedulers as
+Samplers) and pipelines.py (accelerate(pipe))."""

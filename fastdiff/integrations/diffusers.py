@@ -1,7 +1,8 @@
-"""diffusers interop: a Sampler equivalent to a diffusers scheduler, and accelerated pipelines.
+"""diffusers interop: a Sampler equivalent to a diffusers scheduler.
 
     sampler = fastdiff.Sampler.from_diffusers(pipe.scheduler, pipe.unet, steps=25)
-    pipe = fastdiff.integrations.diffusers.accelerate(pipe)   # same images, fastdiff's loop
+
+(Accelerated pipelines, `accelerate(pipe)`, live in fastdiff.integrations.pipelines.)
 
 A scheduler maps to a solver (checked against diffusers 0.42.1):
 
@@ -26,7 +27,6 @@ imported lazily: the core never needs it.
 from __future__ import annotations
 
 import inspect
-import json
 import math
 
 import torch
@@ -48,7 +48,7 @@ GRID_FIELDS = ("timestep_spacing", "steps_offset", "use_karras_sigmas", "use_exp
 SCHEDULE_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
                    "rescale_betas_zero_snr")
 # Keywords of set_timesteps() a caller may pass: the resolution-dependent shift of flow schedulers.
-SET_TIMESTEPS_OPTIONS = ("mu",)
+SET_TIMESTEPS_OPTIONS = ("mu", "sigmas")  # `sigmas`: a pipeline's own grid (FluxPipeline's linspace)
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
 
 
@@ -62,7 +62,7 @@ def sampler_from_diffusers(scheduler_or_config, model, steps: int, **overrides) 
 
     scheduler_or_config: a diffusers scheduler, or its config (with `_class_name`).
     overrides: scheduler config fields (as diffusers' from_config(**kwargs)), step() keywords
-    (eta, use_clipped_model_output, s_churn...), set_timesteps() keywords (`mu`, the dynamic
+    (eta, use_clipped_model_output, s_churn...), set_timesteps() keywords (`sigmas` as a pipeline passes them; `mu`, the dynamic
     shift of flow schedulers) and Sampler runtime options (RUNTIME_OPTIONS).
     """
     scheduler = _fresh_scheduler(scheduler_or_config, overrides)
@@ -99,7 +99,10 @@ def _fresh_scheduler(scheduler_or_config, overrides: dict):
     import diffusers
 
     if isinstance(scheduler_or_config, diffusers.SchedulerMixin):
-        cls, config = type(scheduler_or_config), scheduler_or_config.config
+        # its config as it is now: from_config would reset the fields listed in `_use_default_values`,
+        # which pipelines overwrite in place (StableDiffusionPipeline sets steps_offset=1, clip_sample=False)
+        cls = type(scheduler_or_config)
+        config = {k: v for k, v in scheduler_or_config.config.items() if k != "_use_default_values"}
     elif isinstance(scheduler_or_config, dict):
         config = scheduler_or_config
         name = config.get("_class_name")
@@ -366,189 +369,6 @@ def _check_grid(sampler: Sampler, scheduler) -> None:
         ours *= float(sampler.table.c_in[0])
     if not math.isclose(ours, init, rel_tol=1e-5):
         raise NotImplementedError(f"init_noise_sigma {ours} differs from diffusers' {init}")
-
-
-# ---- pipelines ------------------------------------------------------------------------
-PIPELINES = ("DDPMPipeline", "DDIMPipeline", "StableDiffusionPipeline")
-
-
-def seeds_from_generator(generator, batch: int) -> list[int]:
-    """Per-sample seeds for fastdiff's counter-based noise, drawn from the pipeline's generator(s)."""
-    if generator is None:
-        return torch.randint(0, 2**62, (batch,)).tolist()
-    if isinstance(generator, list):
-        if len(generator) != batch:
-            raise ValueError(f"got {len(generator)} generators for a batch of {batch}")
-        return [int(torch.randint(0, 2**62, (1,), generator=g, device=g.device)) for g in generator]
-    return torch.randint(0, 2**62, (batch,), generator=generator, device=generator.device).tolist()
-
-
-def accelerate(pipe, graph="auto", compile: bool = False) -> "AcceleratedPipeline":
-    """`pipe` with its denoising loop run by fastdiff (the pipeline's unet and scheduler).
-
-    Supports DDPMPipeline, DDIMPipeline and StableDiffusionPipeline. For the same generator
-    or latents and prompt (embeddings), the images equal the original pipeline's; prompt
-    encoding, latent preparation, the VAE, the safety checker and postprocessing stay the
-    pipeline's own. Stochastic schedulers (DDPM, Euler ancestral, SDE-DPM++, DDIM eta > 0)
-    draw their per-step noise from fastdiff's counter-based generator, keyed by seeds drawn
-    from `generator`: the same distribution as diffusers', not the same draws.
-    graph: "auto" (a CUDA graph on CUDA), True or False; compile: torch.compile the U-Net.
-
-    Not honoured (NotImplementedError): per-step callbacks (`callback_on_step_end`,
-    `callback`/`callback_steps`), since fastdiff runs the whole loop without returning to
-    Python between steps (on CUDA, one captured graph); custom `timesteps`/`sigmas`;
-    IP-adapters; `cross_attention_kwargs`; U-Nets with `time_cond_proj_dim`. `pipe.interrupt`
-    is not checked inside the loop, for the same reason.
-    """
-    return AcceleratedPipeline(pipe, graph=graph, compile=compile)
-
-
-class AcceleratedPipeline:
-    """A diffusers pipeline whose loop is fastdiff's; attributes are the pipeline's (see accelerate)."""
-
-    def __init__(self, pipe, graph="auto", compile: bool = False):
-        kind = type(pipe).__name__
-        if kind not in PIPELINES:
-            raise NotImplementedError(f"accelerate supports {', '.join(PIPELINES)}, not {kind}")
-        if kind == "StableDiffusionPipeline" and pipe.unet.config.time_cond_proj_dim is not None:
-            raise NotImplementedError("accelerate: U-Nets with time_cond_proj_dim (guidance embeddings) are not "
-                                      "supported")
-        self.__dict__.update(pipe=pipe, kind=kind, graph=graph, compile=compile, _samplers={})
-        defaults = inspect.signature(type(pipe).__call__).parameters
-        self.sampler(defaults["num_inference_steps"].default)  # fail early on an unsupported scheduler
-
-    def __getattr__(self, name):
-        if "pipe" not in self.__dict__:
-            raise AttributeError(name)
-        return getattr(self.__dict__["pipe"], name)
-
-    def __setattr__(self, name, value):  # e.g. `apipe.scheduler = ...` swaps the pipeline's scheduler
-        setattr(self.pipe, name, value)
-
-    def __repr__(self) -> str:
-        return f"accelerate({self.kind}, graph={self.graph!r}, compile={self.compile})"
-
-    def to(self, *args, **kwargs) -> "AcceleratedPipeline":
-        self.pipe.to(*args, **kwargs)
-        self._samplers.clear()  # their buffers and graphs live on the old device
-        return self
-
-    def sampler(self, steps: int, **options) -> Sampler:
-        """The cached Sampler (and its graphs) for the current scheduler, U-Net, `steps` and options."""
-        sched, unet, device = self.pipe.scheduler, self.pipe.unet, self.pipe._execution_device
-        config = json.dumps(dict(sched.config), sort_keys=True,
-                            default=lambda v: v.tolist() if hasattr(v, "tolist") else repr(v))
-        key = (type(sched).__name__, config, steps, tuple(sorted(options.items())), id(unet), str(unet.dtype),
-               str(device))
-        if key not in self._samplers:
-            self._samplers[key] = sampler_from_diffusers(sched, unet, steps=steps, graph=self.graph,
-                                                         compile=self.compile, device=device, **options)
-        return self._samplers[key]
-
-    def _progress(self) -> bool:
-        return not getattr(self.pipe, "_progress_bar_config", {}).get("disable", False)
-
-    def _seeds(self, sampler: Sampler, generator, batch: int):
-        # deterministic solvers draw nothing, leaving the generator as diffusers would
-        return seeds_from_generator(generator, batch) if bool(sampler.table.uses_noise().any()) else None
-
-    @torch.no_grad()
-    def __call__(self, *args, **kwargs):
-        bound = inspect.signature(type(self.pipe).__call__).bind(self.pipe, *args, **kwargs)
-        bound.apply_defaults()
-        a = dict(bound.arguments)
-        a.pop("self", None)
-        if self.kind == "StableDiffusionPipeline":
-            return self._call_text_to_image(**a)
-        return self._call_unconditional(**a)
-
-    def _call_unconditional(self, batch_size=1, generator=None, num_inference_steps=1000, output_type="pil",
-                            return_dict=True, eta=0.0, use_clipped_model_output=None):
-        from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
-        from diffusers.utils.torch_utils import randn_tensor
-
-        pipe, unet = self.pipe, self.pipe.unet
-        size = unet.config.sample_size
-        shape = (batch_size, unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
-        options = {}
-        if self.kind == "DDIMPipeline":
-            options = dict(eta=float(eta), use_clipped_model_output=bool(use_clipped_model_output))
-        sampler = self.sampler(num_inference_steps, **options)
-        # x_T exactly as the pipeline draws it
-        image = randn_tensor(shape, generator=generator, device=pipe._execution_device, dtype=unet.dtype)
-        pipe.scheduler.set_timesteps(num_inference_steps)
-        x = sampler.sample(noise=image, seeds=self._seeds(sampler, generator, batch_size), progress=self._progress())
-        image = (x.to(unet.dtype) / 2 + 0.5).clamp(0, 1)
-        if output_type != "pt":
-            image = image.cpu().permute(0, 2, 3, 1).numpy()
-            if output_type == "pil":
-                image = pipe.numpy_to_pil(image)
-        pipe.maybe_free_model_hooks()
-        return ImagePipelineOutput(images=image) if return_dict else (image,)
-
-    def _call_text_to_image(self, prompt=None, height=None, width=None, num_inference_steps=50, timesteps=None,
-                            sigmas=None, guidance_scale=7.5, negative_prompt=None, num_images_per_prompt=1, eta=0.0,
-                            generator=None, latents=None, prompt_embeds=None, negative_prompt_embeds=None,
-                            ip_adapter_image=None, ip_adapter_image_embeds=None, output_type="pil", return_dict=True,
-                            cross_attention_kwargs=None, guidance_rescale=0.0, clip_skip=None,
-                            callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",), kwargs=None):
-        from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
-
-        pipe = self.pipe
-        refused = dict(timesteps=timesteps, sigmas=sigmas, ip_adapter_image=ip_adapter_image,
-                       ip_adapter_image_embeds=ip_adapter_image_embeds, cross_attention_kwargs=cross_attention_kwargs,
-                       callback_on_step_end=callback_on_step_end, **(kwargs or {}))
-        for name, value in refused.items():
-            if value is not None:
-                raise NotImplementedError(f"accelerate: {name} is not supported (see fastdiff.integrations."
-                                          "diffusers.accelerate)")
-        if not height or not width:
-            size = pipe.unet.config.sample_size
-            h, w = (size, size) if isinstance(size, int) else size
-            height, width = h * pipe.vae_scale_factor, w * pipe.vae_scale_factor
-        pipe.check_inputs(prompt, height, width, None, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                          None, None, list(callback_on_step_end_tensor_inputs))
-        pipe._guidance_scale, pipe._guidance_rescale, pipe._clip_skip = guidance_scale, guidance_rescale, clip_skip
-        pipe._cross_attention_kwargs, pipe._interrupt = None, False
-        if prompt is not None:
-            batch_size = 1 if isinstance(prompt, str) else len(prompt)
-        else:
-            batch_size = prompt_embeds.shape[0]
-        device = pipe._execution_device
-        cfg = pipe.do_classifier_free_guidance
-        prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(
-            prompt, device, num_images_per_prompt, cfg, negative_prompt, prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds, lora_scale=None, clip_skip=clip_skip)
-
-        accepts_eta = "eta" in inspect.signature(pipe.scheduler.step).parameters
-        options = dict(guidance_rescale=float(guidance_rescale) if cfg else 0.0)
-        if accepts_eta:  # as the pipeline's prepare_extra_step_kwargs
-            options["eta"] = float(eta)
-        sampler = self.sampler(num_inference_steps, **options)
-        pipe.scheduler.set_timesteps(num_inference_steps, device=device)  # the pipeline's scheduler state, as diffusers
-        B = batch_size * num_images_per_prompt
-        latents = pipe.prepare_latents(B, pipe.unet.config.in_channels, height, width, prompt_embeds.dtype, device,
-                                       generator, latents)
-        noise = latents / pipe.scheduler.init_noise_sigma  # fastdiff applies the scale itself
-        cond = {"encoder_hidden_states": prompt_embeds}
-        uncond = {"encoder_hidden_states": negative_prompt_embeds} if cfg else None
-        x = sampler.sample(noise=noise, seeds=self._seeds(sampler, generator, B), cond=cond, uncond=uncond,
-                           guidance_scale=guidance_scale if cfg else None, progress=self._progress())
-        latents = x.to(prompt_embeds.dtype)
-        pipe._num_timesteps = sampler.num_model_evals
-
-        if output_type != "latent":
-            image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False,
-                                    generator=generator)[0]
-            image, nsfw = pipe.run_safety_checker(image, device, prompt_embeds.dtype)
-        else:
-            image, nsfw = latents, None
-        denormalize = [True] * image.shape[0] if nsfw is None else [not n for n in nsfw]
-        image = pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=denormalize)
-        pipe.maybe_free_model_hooks()
-        if not return_dict:
-            return image, nsfw
-        return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=nsfw)
 
 
 Sampler.from_diffusers = classmethod(_from_diffusers)  # public; the sampler layer cannot import this one
