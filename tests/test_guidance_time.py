@@ -72,6 +72,22 @@ def test_interval_equals_a_loop_that_guides_only_inside(solver):
     assert rel_err(got, full) > 1e-3  # the interval changed the result: the check can fail
 
 
+def test_nested_conditioning_is_halved_too():
+    """Conditioning nested in dicts/lists: an unguided row's call gets every tensor's cond half."""
+    spy = Spy()
+
+    def nested(x, t, extra):
+        assert extra["labels"][0].shape[0] == x.shape[0]
+        return spy(x, t, class_labels=extra["labels"][0])
+
+    sp = Sampler(nested, SCHEDULE, solver="dpmpp_2m", steps=8, guidance_scale=3.0, guidance_interval=INTERVAL)
+    got = sp.sample(shape=(B, *SHAPE), seeds=range(B), cond={"extra": {"labels": [COND["class_labels"]]}},
+                    uncond={"extra": {"labels": [UNCOND["class_labels"]]}})
+    flat, _ = sampler(guidance_scale=3.0, guidance_interval=INTERVAL)
+    assert torch.equal(got, flat.sample(shape=(B, *SHAPE), seeds=range(B), cond=COND, uncond=UNCOND))
+    assert B in spy.sizes and 2 * B in spy.sizes
+
+
 def ramp(sigma):
     return 1.0 + 2.0 * math.exp(-sigma / 4)
 
