@@ -14,11 +14,13 @@ from .solvers import SOLVERS
 __version__ = "0.1.0"
 
 
-def load_pretrained(name: str = "digits", **kw):
-    """The embedded models shipped with the package (see fastdiff.models.pretrained)."""
+def load_pretrained(name_or_path="digits", device="cpu"):
+    """A shipped model by name ("digits", "digits_classifier") or a saved .safetensors file
+    (its .json beside it): model, Schedule, metadata and sampler_options(solver)
+    (see fastdiff.models.pretrained)."""
     from .models.pretrained import load_pretrained as _load
 
-    return _load(name, **kw)
+    return _load(name_or_path, device=device)
 
 
 __all__ = ["ELBO", "FlowSchedule", "Grid", "ODELikelihood", "Sampler", "Schedule", "SOLVERS", "add_noise", "elbo",

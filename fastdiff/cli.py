@@ -1,13 +1,15 @@
 """The `fastdiff` command: a small dispatcher; each subcommand lives in its own module.
 
-    fastdiff sample   fastdiff/sample_cmd.py   a grid of class-conditional samples
+    fastdiff sample   fastdiff/sample_cmd.py   a grid of samples, or one file per seed (bulk mode)
     fastdiff train    fastdiff/train.py        train the digits U-Net
     fastdiff eval     fastdiff/evaluate.py     quality against model evaluations, per solver
     fastdiff bench    fastdiff/bench.py        speed benchmarks
 
-A subcommand module provides `add_arguments(parser)` and `main(args) -> int`. Errors a
-user can fix (ValueError, OSError, a bad model file) print one line, `fastdiff: error: ...`,
-and exit with status 2, without a traceback.
+A subcommand module provides `add_arguments(parser)` and `main(args) -> int`. Every failure
+prints one line, `fastdiff: error: ...`, without a traceback: errors a user can fix
+(ValueError, OSError, a bad model file) exit with status 2; a run that failed on its way
+(an unwritable output file, a failed rank, a non-finite model output or training loss)
+with status 1. Under several ranks the line names the rank.
 """
 from __future__ import annotations
 
@@ -16,12 +18,13 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "sample": ("fastdiff.sample_cmd", "sample the embedded digits model (or --model) into a PNG grid"),
+    "sample": ("fastdiff.sample_cmd", "sample the embedded digits model (or --model) into a PNG grid, "
+                                      "or one file per seed with --outdir"),
     "train": ("fastdiff.train", "train a class-conditional U-Net on scikit-learn's digits"),
     "eval": ("fastdiff.evaluate", "sample quality (classifier accuracy, Fréchet distance) vs model evaluations"),
     "bench": ("fastdiff.bench", "speed benchmarks"),
 }
-EXIT_USAGE = 2
+EXIT_USAGE, EXIT_FAILED = 2, 1
 
 
 class CommandError(Exception):
@@ -48,16 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(p)
         p.set_defaults(run=module.main)
-        if name == "sample":  # bulk mode, --seeds A-B --outdir DIR: fastdiff/bulk.py
-            from . import bulk
-
-            bulk.add_sample_arguments(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `fastdiff` console script; returns the exit status."""
+    from .distributed import PeerFailedError, RankFailedError
     from .models.io import ModelFileError
+    from .output_files import OutputError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -70,11 +71,25 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help, or a subcommand that exits on its own
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except (CommandError, ModelFileError, ValueError, OSError) as e:
-        print(f"fastdiff: error: {one_line(e)}", file=sys.stderr)
+        print(f"fastdiff: error: {_rank_prefix(e)}{one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
+    except (OutputError, RankFailedError, PeerFailedError, FloatingPointError) as e:
+        print(f"fastdiff: error: {_rank_prefix(e)}{one_line(e)}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("fastdiff: interrupted", file=sys.stderr)
         return 130
+
+
+def _rank_prefix(e: BaseException) -> str:
+    """"rank N: " on a rank of a multi-process run (torchrun), unless the message names it."""
+    import os
+
+    from .distributed import PeerFailedError, RankFailedError
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not isinstance(e, (PeerFailedError, RankFailedError)):
+        return f"rank {os.environ.get('RANK', '?')}: "
+    return ""
 
 
 def one_line(e: BaseException) -> str:

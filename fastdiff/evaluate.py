@@ -8,9 +8,11 @@ same seeds in every cell), then judge them with the shipped digits classifier:
 heun evaluates the model twice per step except the last, so a budget of nfe evaluations
 runs (nfe + 1) // 2 steps (2 * steps - 1 evaluations: 9 for a budget of 10). The tables are
 by budget; the plot and the per-cell table use the sampler's own count. Writes a markdown
-table and a PNG plot. Each --guidance-interval LO,HI adds a row per solver guided only where
-the model-call sigma lies in [LO, HI]; "model rows" counts the model's per-sample work (a
-guided call evaluates two rows per sample, [uncond; cond], an unguided one row).
+table and a PNG plot (default: quality-<model>.md and .png in the current directory; the
+committed results are made with --out benchmarks/results/quality-digits.md). Each --guidance-interval LO,HI
+adds a row per solver guided only where the model-call sigma lies in [LO, HI]; "model rows"
+counts the model's per-sample work (a guided call evaluates two rows per sample, [uncond;
+cond], an unguided one row).
 """
 from __future__ import annotations
 
@@ -27,7 +29,6 @@ from . import nll_eval
 SOLVERS = ("ddpm", "ddim", "euler", "heun", "dpmpp_2m", "unipc", "euler_ancestral", "dpmpp_2m_sde")
 NFES = (10, 20, 50, 100, 250)
 EXTRA_CELLS = (("ddpm", 1000),)  # the sampler DDPM was trained for
-DEFAULT_OUT = "benchmarks/results/quality-digits.md"
 
 
 @dataclass
@@ -103,22 +104,19 @@ def real_digits_floor(judge: Judge, n: int, seed: int = 0) -> tuple[float, float
 def sample_cell(loaded, solver: str, nfe: int, num_samples: int, batch: int, guidance_scale: float,
                 device: torch.device, backend: str, interval=None):
     """num_samples class-conditional samples from one (solver, NFE, guidance interval) setting."""
+    from .class_conditioning import class_conditioning
     from .sampler import Sampler
 
-    meta = loaded.metadata
-    num_classes, null_class = meta["num_classes"], meta.get("null_class", meta["num_classes"])
     sampler = Sampler(loaded.model, loaded.schedule, solver=solver, steps=steps_for_nfe(solver, nfe),
-                      backend=backend, device=device, **loaded.sampler_options())
-    guided = guidance_scale != 1.0  # w = 1 is exactly the conditional model
-    labels = torch.arange(num_samples) % num_classes  # [N]
+                      backend=backend, device=device, **loaded.sampler_options(solver))
+    labels = torch.arange(num_samples) % loaded.num_classes  # [N]
     chunks = []
     for lo in range(0, num_samples, batch):
-        y = labels[lo:lo + batch].to(device)
-        uncond = {"class_labels": torch.full_like(y, null_class)} if guided else None
-        chunks.append(sampler.sample(shape=(len(y), *meta["image_shape"]), seeds=list(range(lo, lo + len(y))),
-                                     cond={"class_labels": y}, uncond=uncond,
-                                     guidance_scale=guidance_scale if guided else None,
-                                     guidance_interval=interval if guided else None).cpu())
+        cond, uncond, w = class_conditioning(labels[lo:lo + batch].to(device), loaded.null_class, guidance_scale)
+        chunks.append(sampler.sample(shape=(len(cond["class_labels"]), *loaded.image_shape),
+                                     seeds=list(range(lo, lo + len(cond["class_labels"]))), cond=cond,
+                                     uncond=uncond, guidance_scale=w,
+                                     guidance_interval=interval if w is not None else None).cpu())
     return torch.cat(chunks), labels, sampler
 
 
@@ -136,7 +134,7 @@ def evaluate(loaded, judge: Judge, cells: list[tuple], *, num_samples: int, batc
                                               backend, interval)
         seconds = time.perf_counter() - start
         accuracy, fd = judge(images, labels)
-        from .sample_cmd import model_rows
+        from .command_options import model_rows
 
         cell = Cell(solver, nfe, sampler.num_model_evals, sampler.steps, accuracy, fd, seconds, num_samples,
                     interval, model_rows(sampler, guidance_scale, interval))
@@ -227,30 +225,36 @@ def plan_cells(solvers: list[str], nfes: list[int], extra: bool, intervals=()) -
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="digits", help="a shipped model name or a .safetensors path")
+    from .command_options import add_model_arguments
+
+    add_model_arguments(p)
     p.add_argument("--solvers", default=",".join(SOLVERS), help="comma-separated (default: all eight)")
     p.add_argument("--nfes", default=",".join(map(str, NFES)), help="model evaluations per sample, "
                    "comma-separated (default %(default)s; plus ddpm at 1000 unless --no-ddpm-1000)")
     p.add_argument("--no-ddpm-1000", action="store_true", help="skip the ddpm cell at 1000 evaluations")
-    p.add_argument("--num-samples", type=int, default=500, help="samples per cell (default %(default)s)")
+    p.add_argument("--num-samples", type=int, default=500,
+                   help="samples per cell, at least 2 (the Fréchet distance needs a covariance) (default %(default)s)")
     p.add_argument("--batch", type=int, default=250, help="samples per sampler call (default %(default)s)")
-    p.add_argument("--guidance-scale", type=float, default=3.0, help="default %(default)s")
+    p.add_argument("--out", default=None, help="markdown table; the plot goes beside it as .png "
+                   "(default: quality-<model>.md, with --nll nll-<model>.md, in the current directory)")
     p.add_argument("--guidance-interval", action="append", default=[], metavar="LO,HI",
                    help="also evaluate guidance only where LO <= sigma <= HI (VE sigma of the model call; "
                         "elsewhere the conditional half alone); repeat for more rows")
-    p.add_argument("--out", default=DEFAULT_OUT, help="markdown table; the plot goes beside it as .png "
-                   "(default %(default)s)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
-    p.add_argument("--backend", default="auto", help="auto, torch, triton")
-    p.add_argument("--no-progress", action="store_true")
     nll_eval.add_arguments(p)
+
+
+def default_out(model: str) -> Path:
+    """quality-<model name or file stem>.md in the current directory."""
+    return Path(f"quality-{Path(model).stem}.md")
 
 
 def main(args: argparse.Namespace) -> int:
     if args.nll:
+        if args.guidance_interval:
+            raise ValueError("--guidance-interval belongs to the sample-quality table, not --nll")
         return nll_eval.main(args)
-    from .models.pretrained import PRETRAINED, load_from_file, load_pretrained
-    from .sample_cmd import parse_guidance_interval, resolve_device
+    from .command_options import (guidance_scale, load_diffusion_model, parse_guidance_interval, resolve_device,
+                                  show_progress)
     from .solvers import check_solver
 
     solvers = [check_solver(s.strip()) for s in args.solvers.split(",") if s.strip()]
@@ -258,27 +262,29 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--solvers must name at least one solver; allowed: {', '.join(SOLVERS)}")
     nfes = _int_list("--nfes", args.nfes)
     intervals = [parse_guidance_interval(text) for text in args.guidance_interval]
-    if intervals and args.guidance_scale == 1.0:
-        raise ValueError("--guidance-interval needs guidance (--guidance-scale other than 1)")
-    for name in ("num_samples", "batch"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    out = Path(args.out)
+    if intervals and args.guidance_scale in (0.0, 1.0):
+        raise ValueError("--guidance-interval needs guidance (--guidance-scale other than 0 and 1)")
+    if args.num_samples < 2:
+        raise ValueError(f"--num-samples must be >= 2 (the Fréchet distance needs a covariance), "
+                         f"got {args.num_samples}")
+    if args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    guidance_scale(args)
+    out = Path(args.out) if args.out is not None else default_out(args.model)
     if out.suffix != ".md":
         raise ValueError(f"--out must end in .md (the plot is written beside it as .png), got {str(out)!r}")
-    out.parent.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
-    loaded = load_pretrained(args.model, device=device) if args.model in PRETRAINED else \
-        load_from_file(args.model, device=device)
-    if loaded.metadata.get("num_classes") is None or loaded.schedule is None:
+    loaded = load_diffusion_model(args.model, device)
+    if loaded.num_classes is None:
         raise ValueError(f"--model {args.model!r}: eval needs a class-conditional diffusion model")
+    out.parent.mkdir(parents=True, exist_ok=True)
     judge = Judge(device)
     cells = plan_cells(solvers, nfes, extra=not args.no_ddpm_1000, intervals=intervals)
 
     start = time.perf_counter()
     results = evaluate(loaded, judge, cells, num_samples=args.num_samples, batch=args.batch,
                        guidance_scale=args.guidance_scale, device=device, backend=args.backend,
-                       progress=not args.no_progress)
+                       progress=show_progress(args))
     total = time.perf_counter() - start
     floor = real_digits_floor(judge, args.num_samples)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \

@@ -10,7 +10,8 @@ quantized to 256 levels in [-1, 1]:
   ODE       fastdiff.log_likelihood, Heun over --nll-ode-steps intervals, --nll-probes
             Rademacher probes, uniformly dequantized: bits/dim of the discrete data.
 Both use the model unconditionally (the null class). Writes a markdown file with the
-command that made it.
+command that made it (default: nll-<model>.md in the current directory; the committed
+results are made with --out benchmarks/results/nll-digits.md).
 """
 from __future__ import annotations
 
@@ -24,13 +25,11 @@ from pathlib import Path
 
 import torch
 
-DEFAULT_OUT = "benchmarks/results/nll-digits.md"
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("likelihood (--nll)")
     g.add_argument("--nll", action="store_true", help="instead of sample quality: ELBO and ODE log-likelihood "
-                   f"in bits/dim of --num-samples real digits (default out {DEFAULT_OUT})")
+                   "in bits/dim of --num-samples real digits (default out: nll-<model>.md)")
     g.add_argument("--nll-timesteps", type=int, default=None,
                    help="ELBO timesteps drawn per digit (default: all, T model calls per digit)")
     g.add_argument("--nll-ode-steps", type=int, default=50, help="ODE intervals (Heun; default %(default)s)")
@@ -56,24 +55,21 @@ def monte_carlo_spread(terms: torch.Tensor) -> torch.Tensor:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .evaluate import DEFAULT_OUT as QUALITY_OUT
+    from .command_options import load_diffusion_model, resolve_device
     from .likelihood import elbo, log_likelihood
-    from .models.pretrained import PRETRAINED, load_from_file, load_pretrained
-    from .sample_cmd import resolve_device
 
     for name in ("num_samples", "batch", "nll_ode_steps", "nll_probes"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.nll_timesteps is not None and args.nll_timesteps < 1:
         raise ValueError(f"--nll-timesteps must be >= 1, got {args.nll_timesteps}")
-    out = Path(DEFAULT_OUT if args.out == QUALITY_OUT else args.out)
+    out = Path(args.out) if args.out is not None else Path(f"nll-{Path(args.model).stem}.md")
     if out.suffix != ".md":
         raise ValueError(f"--out must end in .md, got {str(out)!r}")
     device = resolve_device(args.device)
-    loaded = load_pretrained(args.model, device=device) if args.model in PRETRAINED else \
-        load_from_file(args.model, device=device)
+    loaded = load_diffusion_model(args.model, device)
     meta = loaded.metadata
-    if loaded.schedule is None or meta.get("num_classes") is None:
+    if meta.get("num_classes") is None:
         raise ValueError(f"--model {args.model!r}: --nll needs a class-conditional diffusion model")
     x = heldout_digits(args.num_samples, meta["image_shape"][-1]).to(device)
     null = meta.get("null_class", meta["num_classes"])

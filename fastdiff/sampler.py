@@ -39,9 +39,6 @@ from .solvers.table import StepTable
 CORRECTORS = (None, "langevin")
 GRAPH_MODES = ("auto", True, False)
 DTYPES = MODEL_DTYPES + (torch.float64,)  # the kernels' model dtypes, and a float64 model on the torch backend
-# Every solver but DDIM steps from the clipped D, which is what use_clipped_model_output=True asks
-# of DDIM; Pretrained.sampler_options() asks it whatever the solver until its callers pass theirs.
-_CLIPPED_OUTPUT_ALWAYS = ("use_clipped_model_output", True)
 
 
 def _default(name: str):
@@ -53,7 +50,7 @@ def _solver_options(solver: str, spacing: str, schedule: Schedule, given: dict) 
     """The keywords for `solver`'s table builder; a non-default option it does not use is an error."""
     takes = solver_options(solver)
     for name, value in given.items():
-        if name not in takes and value != _default(name) and (name, value) != _CLIPPED_OUTPUT_ALWAYS:
+        if name not in takes and value != _default(name):
             raise ValueError(f"{name}={value!r} is not an option of solver {solver!r}; "
                              f"its options: {', '.join(takes)}")
     options = {k: v for k, v in given.items() if k in takes and v is not None}  # None: the solver's default

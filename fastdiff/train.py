@@ -87,6 +87,14 @@ def ema_update(ema: UNet, model: UNet, decay: float) -> None:
         e.lerp_(p, 1.0 - decay)
 
 
+def check_finite_weights(model: torch.nn.Module, step: int, lr: float) -> None:
+    """Never save (or return) a model whose weights overflowed."""
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise FloatingPointError(f"train: the weights became non-finite by step {step} ({bad[0]} and "
+                                 f"{len(bad) - 1} more; lr {lr:.3g}): lower --lr")
+
+
 def model_metadata(cfg: TrainConfig, extra: dict) -> dict:
     return {
         "dataset": "sklearn digits (8x8, upsampled bilinearly)",
@@ -132,6 +140,15 @@ def write_loss_curve(losses: list[float], lrs: list[float], times: list[float], 
     plt.close(fig)
 
 
+def unet_for(cfg: TrainConfig) -> UNet:
+    """A new class-conditional U-Net with cfg's architecture."""
+    return UNet(UNetConfig(
+        image_size=cfg.image_size, base_channels=cfg.base_channels, channel_mults=cfg.channel_mults,
+        num_res_blocks=cfg.num_res_blocks, attention_resolutions=cfg.attention_resolutions,
+        num_groups=math.gcd(32, cfg.base_channels), num_classes=NUM_CLASSES,  # GroupNorm must divide
+    ))
+
+
 def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = True) -> TrainResult:
     """Train; when out_dir is given, write digits.safetensors/.json and the loss curve there."""
     from tqdm.auto import tqdm
@@ -141,6 +158,8 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = 
             raise ValueError(f"{name} must be positive, got {getattr(cfg, name)}")
     if not 0.0 <= cfg.label_dropout < 1.0:
         raise ValueError(f"label_dropout must be in [0, 1), got {cfg.label_dropout}")
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        raise ValueError(f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
     out_dir = Path(out_dir) if out_dir is not None else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -157,11 +176,7 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = 
         if previous.metadata.get("image_shape", [None, None, cfg.image_size])[-1] != cfg.image_size:
             raise ValueError(f"init model {cfg.init!r} was trained at another image_size than {cfg.image_size}")
     else:
-        model = UNet(UNetConfig(
-            image_size=cfg.image_size, base_channels=cfg.base_channels, channel_mults=cfg.channel_mults,
-            num_res_blocks=cfg.num_res_blocks, attention_resolutions=cfg.attention_resolutions,
-            num_groups=math.gcd(32, cfg.base_channels), num_classes=NUM_CLASSES,  # GroupNorm must divide
-        ))
+        model = unet_for(cfg)
     ema = UNet(model.config)
     ema.load_state_dict(model.state_dict())
     ema.eval().requires_grad_(False)
@@ -173,6 +188,7 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = 
     save = None
     if out_dir is not None:
         def save(extra: dict) -> None:
+            check_finite_weights(ema, extra["steps_done"], cfg.lr)
             save_model(ema, out_dir / "digits.safetensors", model_metadata(cfg, {**extra, **history}))
 
     bar = tqdm(range(cfg.steps), desc="train", disable=not progress, dynamic_ncols=True)
@@ -198,6 +214,9 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = 
 
         elapsed = time.perf_counter() - start
         losses.append(loss.item())
+        if not math.isfinite(losses[-1]):
+            raise FloatingPointError(f"train: the loss became {losses[-1]} at step {step + 1} (lr {lr:.3g}); "
+                                     "nothing was saved from this step on: lower --lr")
         lrs.append(lr)
         times.append(elapsed)
         bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.1e}")
@@ -214,6 +233,7 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = 
     extra = {"steps_done": len(losses), "seconds": round(seconds, 1),
              "final_loss_mean_last_100": round(sum(tail) / len(tail), 5)}
     metadata = model_metadata(cfg, {**extra, **history})
+    check_finite_weights(ema, len(losses), cfg.lr)
     if save is not None:
         save(extra)
         write_loss_curve(losses, lrs, times, out_dir)
@@ -221,49 +241,127 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .command_options import add_progress_arguments
+
     d = TrainConfig()
-    parser.add_argument("--out", default="runs/digits", help="output folder (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=d.steps)
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
-    parser.add_argument("--lr", type=float, default=d.lr)
-    parser.add_argument("--warmup", type=int, default=d.warmup)
-    parser.add_argument("--ema-decay", type=float, default=d.ema_decay)
-    parser.add_argument("--label-dropout", type=float, default=d.label_dropout)
-    parser.add_argument("--image-size", type=int, default=d.image_size)
-    parser.add_argument("--base-channels", type=int, default=d.base_channels)
-    parser.add_argument("--channel-mults", default=",".join(map(str, d.channel_mults)),
-                        help="comma-separated, e.g. 1,2,2")
-    parser.add_argument("--num-res-blocks", type=int, default=d.num_res_blocks)
-    parser.add_argument("--attention-resolutions", default=",".join(map(str, d.attention_resolutions)),
-                        help="comma-separated feature-map sizes, e.g. 8 or 8,4 (empty: none)")
-    parser.add_argument("--schedule", default=d.schedule, choices=["linear", "cosine"])
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--max-minutes", type=float, default=d.max_minutes,
-                        help="stop (and save) after this many minutes; the LR anneals to fit (default %(default)s)")
-    parser.add_argument("--init", default=None, help="continue from this saved model (.safetensors)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    a = parser.add_argument
+    a("--out", default="runs/digits", help="output folder for digits.safetensors/.json, loss.csv, loss.png "
+      "(default: %(default)s)")
+    a("--steps", type=int, default=d.steps, help="optimizer steps (default: %(default)s)")
+    a("--batch-size", type=int, default=d.batch_size, help="images per step (default: %(default)s)")
+    a("--lr", type=float, default=d.lr, help="peak AdamW learning rate (default: %(default)s)")
+    a("--warmup", type=int, default=d.warmup, help="steps of linear LR warmup (default: %(default)s)")
+    a("--ema-decay", type=float, default=d.ema_decay,
+      help="decay of the weights' exponential moving average, in [0, 1); the EMA is what is saved "
+           "(default: %(default)s)")
+    a("--label-dropout", type=float, default=d.label_dropout,
+      help="probability a label becomes the null class, for classifier-free guidance, in [0, 1) "
+           "(default: %(default)s)")
+    a("--image-size", type=int, default=d.image_size,
+      help="the 8x8 digits are upsampled to this power of two (default: %(default)s)")
+    a("--base-channels", type=int, default=None,
+      help=f"U-Net channels at full resolution, an even number (default: {d.base_channels}; from the model with "
+           "--init)")
+    a("--channel-mults", default=None,
+      help=f"comma-separated channel multipliers, one per resolution (default: "
+           f"{','.join(map(str, d.channel_mults))}; from the model with --init)")
+    a("--num-res-blocks", type=int, default=None,
+      help=f"residual blocks per resolution (default: {d.num_res_blocks}; from the model with --init)")
+    a("--attention-resolutions", default=None,
+      help=f"comma-separated feature-map sizes with self-attention, e.g. 8 or 8,4; empty for none (default: "
+           f"{','.join(map(str, d.attention_resolutions))}; from the model with --init)")
+    a("--schedule", default=d.schedule, choices=["linear", "cosine"], help="noise schedule (default: %(default)s)")
+    a("--seed", type=int, default=d.seed, help="seed of the initial weights and the batches (default: %(default)s)")
+    a("--max-minutes", type=float, default=d.max_minutes,
+      help="stop (and save) after this many minutes; the LR anneals to fit (default: %(default)s)")
+    a("--init", default=None, help="continue from this saved model (.safetensors); its architecture is kept, so "
+      "the architecture flags cannot be given with it (default: a new model)")
+    a("--threads", type=int, default=None, help="torch CPU threads, >= 1 (default: torch's choice)")
+    add_progress_arguments(parser)
 
 
-def _int_tuple(name: str, text: str) -> tuple[int, ...]:
+ARCHITECTURE_FLAGS = {"base_channels": "--base-channels", "channel_mults": "--channel-mults",
+                      "num_res_blocks": "--num-res-blocks", "attention_resolutions": "--attention-resolutions"}
+
+
+def _int_tuple(name: str, text: str, allow_empty: bool) -> tuple[int, ...]:
     try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
+        values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise ValueError(f"{name} must be comma-separated integers, got {text!r}") from None
+    if not values and not allow_empty:
+        raise ValueError(f"{name} must list at least one integer, e.g. 1,2,2; got {text!r}")
+    return values
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig the flags describe; every value checked, naming its flag."""
+    d = TrainConfig()
+    given = [flag for name, flag in ARCHITECTURE_FLAGS.items() if getattr(args, name) is not None]
+    if args.init is not None and given:
+        raise ValueError(f"{', '.join(given)} cannot be combined with --init: the model's own architecture is "
+                         "continued")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if not 0.0 <= args.ema_decay < 1.0:
+        raise ValueError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    if not 0.0 <= args.label_dropout < 1.0:
+        raise ValueError(f"--label-dropout must be in [0, 1), got {args.label_dropout}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr must be a positive number, got {args.lr}")
+    if args.max_minutes is not None and not args.max_minutes > 0:
+        raise ValueError(f"--max-minutes must be positive, got {args.max_minutes}")
+    for name in ("steps", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    size = args.image_size
+    if size < 8 or size & (size - 1):
+        raise ValueError(f"--image-size must be a power of two >= 8, got {size}")
+    base = d.base_channels if args.base_channels is None else args.base_channels
+    mults = d.channel_mults if args.channel_mults is None else _int_tuple("--channel-mults", args.channel_mults, False)
+    blocks = d.num_res_blocks if args.num_res_blocks is None else args.num_res_blocks
+    attn = d.attention_resolutions if args.attention_resolutions is None else \
+        _int_tuple("--attention-resolutions", args.attention_resolutions, True)
+    if base < 2 or base % 2:
+        raise ValueError(f"--base-channels must be a positive even number (the sinusoidal timestep embedding), "
+                         f"got {base}")
+    if any(m < 1 for m in mults):
+        raise ValueError(f"--channel-mults must be positive, got {args.channel_mults!r}")
+    if size % 2 ** (len(mults) - 1):
+        raise ValueError(f"--channel-mults: {len(mults)} resolutions halve --image-size {size} too often")
+    if blocks < 1:
+        raise ValueError(f"--num-res-blocks must be >= 1, got {blocks}")
+    sizes = [size // 2 ** i for i in range(len(mults))]
+    bad = [r for r in attn if r not in sizes]
+    if bad:
+        raise ValueError(f"--attention-resolutions: {bad} is not a feature-map size of this U-Net; allowed: "
+                         f"{', '.join(map(str, sizes))} (or empty for none)")
+    cfg = TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay,
+        label_dropout=args.label_dropout, image_size=size, base_channels=base, channel_mults=mults,
+        num_res_blocks=blocks, attention_resolutions=attn, schedule=args.schedule, seed=args.seed,
+        max_minutes=args.max_minutes, init=args.init,
+    )
+    if cfg.init is None:
+        try:  # one tiny forward pass: whatever else the architecture cannot do shows here, named
+            with torch.no_grad():
+                x, t, y = torch.zeros(1, 1, size, size), torch.zeros(1), torch.zeros(1, dtype=torch.long)
+                unet_for(cfg)(x, t, class_labels=y)
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(f"--base-channels {base} --channel-mults {','.join(map(str, mults))}: not a U-Net "
+                             f"that runs: {str(e).splitlines()[0]}") from None
+    return cfg
 
 
 def main(args: argparse.Namespace) -> int:
+    from .command_options import show_progress
+
+    cfg = config_from_args(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    cfg = TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-        ema_decay=args.ema_decay, label_dropout=args.label_dropout, image_size=args.image_size,
-        base_channels=args.base_channels, channel_mults=_int_tuple("--channel-mults", args.channel_mults),
-        num_res_blocks=args.num_res_blocks,
-        attention_resolutions=_int_tuple("--attention-resolutions", args.attention_resolutions),
-        schedule=args.schedule, seed=args.seed, max_minutes=args.max_minutes, init=args.init,
-    )
-    result = train(cfg, args.out, progress=not args.no_progress)
+    result = train(cfg, args.out, progress=show_progress(args))
     out = Path(args.out)
     print(f"fastdiff train: {len(result.losses)} steps in {result.seconds / 60:.1f} min, "
           f"final loss (mean of last 100) {result.metadata['training']['final_loss_mean_last_100']:.4f}")

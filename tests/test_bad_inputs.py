@@ -299,9 +299,11 @@ class Terminal(io.StringIO):
 def test_progress_defaults_to_a_bar_per_step_on_a_cpu_terminal_only(monkeypatch):
     bars = []
 
-    def recorded(*args):
-        bars.append(make_bar(*args))
-        return bars[-1]
+    def recorded(*args):  # the bars actually made (progress_bar returns None when off)
+        bar = make_bar(*args)
+        if bar is not None:
+            bars.append(bar)
+        return bar
 
     make_bar = runners.progress_bar
     monkeypatch.setattr(runners, "progress_bar", recorded)

@@ -2,7 +2,7 @@
 after SIGKILL, atomic writes, and errors that name the rank or the path.
 
 A tiny class-conditional U-Net with fixed random weights (x0-prediction, so samples stay
-O(0.1)) is saved once per session and run through the real CLI (`python -m fastdiff.bulk`).
+O(0.1)) is saved once per session and run through the real CLI (`fastdiff sample --outdir`).
 """
 import errno
 import os
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastdiff import bulk, cli
+from fastdiff import bulk, cli, distributed, output_files
 
 PY = sys.executable
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -53,8 +53,8 @@ def script(tmp_path: Path, body: str) -> Path:
     path = tmp_path / "driver.py"
     path.write_text(textwrap.dedent("""
         import os, sys, time
-        from fastdiff import bulk, cli
-        load = bulk._load
+        from fastdiff import bulk, cli, sample_cmd
+        load = sample_cmd.load_diffusion_model
 
         def patched_load(name, device):
             loaded = load(name, device)
@@ -68,14 +68,17 @@ def script(tmp_path: Path, body: str) -> Path:
             return loaded
 
         if __name__ == "__main__":
-            bulk._load = patched_load
+            sample_cmd.load_diffusion_model = patched_load
             sys.exit(cli.main(sys.argv[1:]))
     """).replace("{body}", textwrap.indent(textwrap.dedent(body).strip(), " " * 8)))
     return path
 
 
 def files(d: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+    """The samples and any temporaries; not the run's lock and settings record."""
+    from fastdiff.output_files import LOCK_NAME, RUN_NAME
+
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.name not in (LOCK_NAME, RUN_NAME)}
 
 
 # ---- world size ---------------------------------------------------------------------
@@ -87,7 +90,7 @@ def test_one_and_two_ranks_give_the_same_samples(tiny_model, tmp_path, capfd, la
     npz = tmp_path / "all.npz"
     args = cli_args(tiny_model, two, "0-10,7", "--batch", "3", "--guidance-scale", "2", "--npz", str(npz))
     if launcher == "torchrun":
-        args.remove("--no-progress")
+        args[args.index("--no-progress")] = "--progress"  # stderr is a pipe here
         r = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                             "-m", "fastdiff", *args], env=ENV, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr[-3000:]
@@ -157,7 +160,7 @@ def test_sigkill_then_rerun_completes_identically(tiny_model, tmp_path, capsys, 
     proc.wait()
     done = len(list(out.glob("*.npy")))
     assert 4 <= done < 16
-    (out / f"{bulk.TMP_PREFIX}000009.npy.x{bulk.TMP_SUFFIX}").write_bytes(b"half a file")  # as if killed mid-write
+    (out / f"{output_files.TMP_PREFIX}000009.npy.x{output_files.TMP_SUFFIX}").write_bytes(b"half a file")  # as if killed mid-write
     capsys.readouterr()
     assert cli.main(cli_args(tiny_model, out, "0-15", "--batch", "2")) == 0
     assert f"{16 - done} new, {done} already there" in capsys.readouterr().out
@@ -166,7 +169,7 @@ def test_sigkill_then_rerun_completes_identically(tiny_model, tmp_path, capsys, 
 
 # ---- failures -----------------------------------------------------------------------
 def _fail_on_rank_1(how: str) -> None:
-    with bulk.distributed("cpu") as (ranks, _):
+    with distributed.distributed("cpu") as (ranks, _):
         if ranks.rank == 1:
             if how == "exit":
                 os._exit(3)
@@ -176,8 +179,8 @@ def _fail_on_rank_1(how: str) -> None:
 
 @pytest.mark.parametrize("how, detail", [("exit", "exited with code 3"), ("raise", "RuntimeError: injected failure")])
 def test_spawn_names_the_failed_rank(how, detail):
-    with pytest.raises(bulk.RankFailedError, match=f"rank 1 failed: {detail}") as e:
-        bulk.launch(2, _fail_on_rank_1, how)
+    with pytest.raises(distributed.RankFailedError, match=f"rank 1 failed: {detail}") as e:
+        distributed.launch(2, _fail_on_rank_1, how)
     assert e.value.rank == 1
 
 
@@ -193,14 +196,18 @@ def test_torchrun_names_the_failed_rank(tiny_model, tmp_path):
 
 
 def test_disk_full_names_the_path(tiny_model, tmp_path, monkeypatch, capsys):
-    def fsync(fd):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    real_fsync = os.fsync
+
+    def fsync(fd):  # the disk fills up at the first sample (the small run record still fit)
+        if ".npy" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
     assert cli.main(cli_args(tiny_model, tmp_path, "0-3")) == 1
     err = capsys.readouterr().err
     assert f"fastdiff: error: cannot write {tmp_path / '000000.npy'}: [Errno 28] No space left on device" in err
-    assert [p.name for p in tmp_path.iterdir()] == []  # no partial file, no temporary
+    assert files(tmp_path) == {}  # no partial file, no temporary
 
 
 def test_permission_denied_names_the_path(tiny_model, tmp_path, monkeypatch, capsys):
@@ -209,7 +216,8 @@ def test_permission_denied_names_the_path(tiny_model, tmp_path, monkeypatch, cap
 
     monkeypatch.setattr(tempfile, "mkstemp", mkstemp)  # chmod does not stop root
     assert cli.main(cli_args(tiny_model, tmp_path, "5")) == 1
-    assert f"cannot write {tmp_path / '000005.npy'}: [Errno 13] Permission denied" in capsys.readouterr().err
+    # the first file a run writes is its settings record
+    assert f"cannot write {tmp_path / '.fastdiff-run.json'}: [Errno 13] Permission denied" in capsys.readouterr().err
 
 
 def test_outdir_under_a_file_names_the_path(tiny_model, tmp_path, capsys):
@@ -251,7 +259,7 @@ def test_an_explicit_gpu_index_with_several_ranks_and_gpus_is_refused(monkeypatc
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="--device cuda:0 would put all 2 ranks on one of the 2 GPUs; "
                                          "use --device cuda"):
-        with bulk.distributed("cuda:0"):
+        with distributed.distributed("cuda:0"):
             pass
 
 
@@ -260,7 +268,7 @@ def test_each_rank_takes_local_rank_modulo_the_gpus_it_sees(monkeypatch, gpus, l
     """One GPU per rank under per-rank CUDA_VISIBLE_DEVICES (SLURM --gpus-per-task=1): cuda:0."""
     chosen = fake_gpus(monkeypatch, gpus)
     monkeypatch.setenv("LOCAL_RANK", str(local_rank))
-    with bulk.distributed("cuda") as (_, device):
+    with distributed.distributed("cuda") as (_, device):
         assert device == torch.device(want) and chosen == [device]
 
 
@@ -275,6 +283,54 @@ def test_more_ranks_than_gpus_join_over_gloo(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     for rank in (0, 1):
         monkeypatch.setenv("LOCAL_RANK", str(rank))
-        with bulk.distributed("cuda") as (_, device):
+        with distributed.distributed("cuda") as (_, device):
             assert device == torch.device("cuda:0")
     assert backends == ["gloo", "gloo"]
+
+
+# ---- concurrency ----------------------------------------------------------------------
+def test_two_runs_into_one_folder_share_the_work(tiny_model, tmp_path):
+    """Two processes started together into one folder: the second waits on the folder's lock,
+    then finds every file there; neither dies, neither's temporaries are touched by the other."""
+    out = tmp_path / "out"
+    driver = script(tmp_path, "time.sleep(0.05)")  # ~0.6 s of sampling per run
+    go = tmp_path / "go"
+    starter = tmp_path / "start.py"  # both processes reach cli.main at the same moment
+    starter.write_text(textwrap.dedent(f"""
+        import os, runpy, sys, time
+        from pathlib import Path
+        Path(sys.argv[1]).touch()
+        while not Path({str(go)!r}).exists():
+            time.sleep(0.005)
+        sys.argv = [{str(driver)!r}, *sys.argv[2:]]
+        runpy.run_path({str(driver)!r}, run_name="__main__")
+    """))
+    procs = [subprocess.Popen([PY, str(starter), str(tmp_path / f"ready{i}"),
+                               *cli_args(tiny_model, out, "0-7", "--batch", "2")],
+                              env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / f"ready{i}").exists() for i in range(2)):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.01)
+    go.touch()
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [r[1][-2000:] for r in results]
+    news = sorted(int(r[0].split(" new,")[0].rsplit("(", 1)[1]) for r in results)
+    assert news == [0, 8]  # one run did all the work, the other found it done
+    assert sum("another run is writing into" in r[1] for r in results) == 1
+    assert sorted(files(out)) == [f"{s:06d}.npy" for s in range(8)]
+
+
+def test_local_ranks_on_the_cpu_split_the_cores(tiny_model, tmp_path, monkeypatch, capsys):
+    """--nproc N on the CPU: each rank takes cores // N threads (N ranks x all cores would
+    oversubscribe), unless OMP_NUM_THREADS says otherwise."""
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert cli.main(cli_args(tiny_model, tmp_path / "a", "0")) == 0
+    assert calls == [2]  # 8 cores // 3 ranks
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert cli.main(cli_args(tiny_model, tmp_path / "b", "0")) == 0
+    assert calls == [2]

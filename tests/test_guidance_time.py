@@ -194,7 +194,8 @@ def test_cli_sample_with_an_interval_counts_its_model_rows(tmp_path, capsys):
                              "--guidance-interval", "0.28,5.42", "--out", tmp_path / "g.png", "--no-progress")
     assert code == 0, err
     loaded = load_pretrained("digits")
-    sigma = Sampler(loaded.model, loaded.schedule, steps=6, **loaded.sampler_options()).table.sigma.tolist()
+    options = loaded.sampler_options("dpmpp_2m")
+    sigma = Sampler(loaded.model, loaded.schedule, steps=6, **options).table.sigma.tolist()
     rows = sum(2 if inside(s, (0.28, 5.42)) else 1 for s in sigma)
     assert 6 < rows < 12 and f"{rows} rows per sample" in out and "for sigma in [0.28, 5.42]" in out
 

@@ -13,9 +13,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # The layering rule, top to bottom: a module may import its own layer and the layers below.
 # Names are module paths under fastdiff; a package name covers its submodules.
 LAYERS = [
-    # the command line (being reorganised into one sample path: cycles among these are tolerated for now)
-    ("cli", {"__main__", "cli", "sample_cmd", "bulk", "evaluate", "nll_eval", "train", "models.train_classifier"}),
-    ("front", {"__init__", "integrations", "bench", "bench_cases", "distributed"}),
+    # the command line: one `sample` command (grid and bulk mode), eval (with --nll), train
+    ("cli", {"__main__", "cli", "sample_cmd", "evaluate", "nll_eval", "train", "models.train_classifier"}),
+    # what the commands share (options, class conditioning, output files) and the library loops they call
+    ("front", {"__init__", "integrations", "bench", "bench_cases", "kernel_compile", "distributed", "bulk",
+               "command_options", "class_conditioning", "output_files"}),
     ("sampling", {"sampler", "runners", "loop", "executors", "noising", "likelihood", "inversion", "conditioning"}),
     ("compilers", {"solvers", "models"}),
     ("base", {"schedules", "grids", "kernels", "rng", "guidance", "dtypes", "devices", "columns", "seeds",
@@ -27,9 +29,6 @@ CORE = {"sampling", "compilers", "base"}  # imports neither diffusers nor the CL
 KERNEL_IMPORTS = {"fastdiff.devices", "fastdiff.dtypes", "fastdiff.rng", "fastdiff.columns"}
 # kernels with no library caller yet (schedule_tables has one now: fastdiff.likelihood)
 UNCALLED_KERNELS_ALLOWED = set()
-# the bench command takes resolve_device from the CLI's sample command until the CLI's shared
-# device/model module exists (issue 17 item 2); the lead removes this exemption then.
-PENDING_CLI_REORGANISATION = {("fastdiff.bench", "fastdiff.sample_cmd")}
 
 
 def _modules() -> dict[str, Path]:
@@ -98,7 +97,7 @@ def test_every_module_has_a_layer():
 
 def test_imports_only_point_down():
     upward = [f"{m} ({LAYERS[layer_of(m)][0]}) imports {d} ({LAYERS[layer_of(d)][0]})"
-              for m, (deps, _) in GRAPH.items() for d in deps if layer_of(d) < layer_of(m) and (m, d) not in PENDING_CLI_REORGANISATION]
+              for m, (deps, _) in GRAPH.items() for d in deps if layer_of(d) < layer_of(m)]
     assert not upward, "\n".join(upward)
 
 
@@ -115,7 +114,7 @@ def test_kernels_import_only_the_bottom_modules_they_share():
 
 
 def test_no_import_cycle():
-    """Tarjan's strongly connected components; a cycle among CLI modules only is tolerated for now."""
+    """Tarjan's strongly connected components: none with more than one module."""
     index, low, stack, on_stack, cycles = {}, {}, [], set(), []
 
     def visit(v):
@@ -136,7 +135,7 @@ def test_no_import_cycle():
                 component.add(w)
                 if w == v:
                     break
-            if len(component) > 1 and not all(layer_of(m) == 0 for m in component):
+            if len(component) > 1:
                 cycles.append(sorted(component))
 
     for v in GRAPH:

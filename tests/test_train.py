@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastdiff.train as train_module
-from fastdiff.models import load_from_file
+from fastdiff import load_pretrained
 from fastdiff.train import TrainConfig, learning_rate, train
 
 TINY = {"steps": 40, "batch_size": 32, "lr": 2e-3, "warmup": 5, "image_size": 8, "base_channels": 16,
@@ -35,7 +35,7 @@ def test_tiny_training_lowers_the_loss_and_writes_files(tmp_path, monkeypatch):
         rows = list(csv.DictReader(f))
     assert len(rows) == TINY["steps"] and set(rows[0]) == {"step", "loss", "lr", "seconds"}
 
-    pre = load_from_file(tmp_path / "digits.safetensors")
+    pre = load_pretrained(tmp_path / "digits.safetensors")
     assert pre.image_shape == (1, 8, 8) and pre.num_classes == 10 and pre.null_class == 10
     assert pre.prediction == "epsilon" and pre.data_range == (-1.0, 1.0)
     torch.testing.assert_close(pre.schedule.alphas_cumprod, result.schedule.alphas_cumprod)

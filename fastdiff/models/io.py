@@ -114,10 +114,17 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
             f"unknown architecture {doc['architecture']!r}; allowed: {', '.join(sorted(archs))}"
         )
     cls, config_cls = archs[doc["architecture"]]
+    cpath = str(config_path(path))
+    if not isinstance(doc["config"], dict):
+        raise ModelFileError(f"model config {cpath!r}: 'config' must be an object, got {doc['config']!r}")
+    check_config_types(config_cls, doc["config"], cpath)
     try:
-        model = cls(config_cls(**doc["config"]))
+        config = config_cls(**doc["config"])
+        model = cls(config)
     except (TypeError, ValueError) as e:
-        raise ModelFileError(f"model config {str(config_path(path))!r} is invalid: {e}") from None
+        raise ModelFileError(f"model config {cpath!r} is invalid: {e}") from None
+    metadata = doc.get("metadata", {})
+    check_metadata(metadata, config, cpath)
     try:
         tensors = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
@@ -130,4 +137,43 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         first = str(e).splitlines()[0] if str(e) else "mismatch"
         raise ModelFileError(f"model file {str(path)!r} does not match its config: {first}") from None
     model.to(device).eval()
-    return LoadedModel(model, doc.get("metadata", {}), {k: v.to(device) for k, v in extra.items()})
+    return LoadedModel(model, metadata, {k: v.to(device) for k, v in extra.items()})
+
+
+_FIELD_TYPES = {  # a config field's annotation -> the JSON values it accepts
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "bool": lambda v: isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "tuple[int, ...]": lambda v: isinstance(v, (list, tuple)) and all(_FIELD_TYPES["int"](x) for x in v),
+    "int | None": lambda v: v is None or _FIELD_TYPES["int"](v),
+}
+
+
+def check_config_types(config_cls, config: dict, where: str) -> None:
+    """Each field of a config dataclass has its annotated type: `"base_channels": "32"` is
+    named here rather than failing deep inside the model's constructor."""
+    import dataclasses
+
+    for f in dataclasses.fields(config_cls):
+        check = _FIELD_TYPES.get(str(f.type))
+        if f.name in config and check is not None and not check(config[f.name]):
+            raise ModelFileError(f"model config {where!r}: field {f.name!r} must be {f.type}, "
+                                 f"got {config[f.name]!r}")
+
+
+def check_metadata(metadata, config, where: str) -> None:
+    """metadata is an object; its image_shape, when present, is [C, H, W] of positive integers
+    that the model takes (in_channels, image_size when the config has them)."""
+    if not isinstance(metadata, dict):
+        raise ModelFileError(f"model config {where!r}: 'metadata' must be an object, got {type(metadata).__name__}")
+    if "image_shape" not in metadata:
+        return
+    shape = metadata["image_shape"]
+    if not (isinstance(shape, list) and len(shape) == 3 and all(_FIELD_TYPES["int"](v) and v > 0 for v in shape)):
+        raise ModelFileError(f"model config {where!r}: metadata field 'image_shape' must be [C, H, W] of positive "
+                             f"integers, got {shape!r}")
+    channels, size = getattr(config, "in_channels", None), getattr(config, "image_size", None)
+    if channels is not None and size is not None and shape != [channels, size, size]:
+        raise ModelFileError(f"model config {where!r}: metadata field 'image_shape' {shape} does not match the "
+                             f"model, which takes [{channels}, {size}, {size}] (in_channels, image_size)")

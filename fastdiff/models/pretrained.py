@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..schedules import Schedule
-from .io import load_model
+from .io import ModelFileError, load_model
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 PRETRAINED = {
@@ -42,19 +42,19 @@ class Pretrained(NamedTuple):
     def prediction(self) -> str | None:
         return self.metadata.get("prediction")
 
-    def sampler_options(self, solver: str | None = None) -> dict:
+    def sampler_options(self, solver: str) -> dict:
         """Sampler keywords this model needs: its prediction type, and D clipped to the data
         range (pixel-space models: on the shipped digits, clipping took dpmpp_2m at 20 steps
         from FD 156 to 130 and removed the rare blown-out sample). DDIM then re-derives eps
         from the clipped x0: with diffusers' default (raw eps) its 20-step FD went to 434.
-        With `solver`, only the options that solver takes."""
+        Only the options `solver` takes (a Sampler refuses options its solver does not use)."""
         from ..solvers import solver_options
 
         lo, hi = self.data_range
         options = {"prediction": self.prediction or "epsilon"}
         if lo == -hi:
             options.update(clip_sample=True, clip_range=hi)
-            if solver is None or "use_clipped_model_output" in solver_options(solver):
+            if "use_clipped_model_output" in solver_options(solver):
                 options.update(use_clipped_model_output=True)
         return options
 
@@ -65,20 +65,31 @@ def weights_path(name: str) -> Path:
     return WEIGHTS_DIR / PRETRAINED[name]
 
 
-def schedule_from_metadata(metadata: dict) -> Schedule | None:
+def schedule_from_metadata(metadata: dict, path: str | Path = "the model") -> Schedule | None:
     spec = metadata.get("schedule")
     if spec is None:
         return None
-    return Schedule.named(spec["name"], **{k: v for k, v in spec.items() if k != "name"})
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise ModelFileError(f"{str(path)!r}: metadata field 'schedule' must be an object with a 'name', "
+                             f"got {spec!r}")
+    try:
+        return Schedule.named(spec["name"], **{k: v for k, v in spec.items() if k != "name"})
+    except (TypeError, ValueError) as e:
+        raise ModelFileError(f"{str(path)!r}: metadata field 'schedule' is invalid: {e}") from None
 
 
-def load_from_file(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:
-    """A saved model (`.safetensors` with its `.json` beside it) with its schedule and metadata."""
+def load_pretrained(name_or_path: str | Path = "digits", device: str | torch.device = "cpu") -> Pretrained:
+    """A shipped model by name (digits, digits_classifier) or a saved model file (a
+    .safetensors path with its .json beside it, as `fastdiff train` writes): the model in eval
+    mode, its Schedule and metadata (image shape, num_classes, null_class, data range,
+    prediction type)."""
+    key = str(name_or_path)
+    if key in PRETRAINED:
+        path = weights_path(key)
+    elif key.endswith(".safetensors") or Path(key).exists():
+        path = Path(key)
+    else:
+        raise ValueError(f"unknown model {key!r}: neither a shipped model (shipped: {', '.join(PRETRAINED)}) "
+                         "nor a .safetensors path")
     loaded = load_model(path, device=device)
-    return Pretrained(loaded.model, schedule_from_metadata(loaded.metadata), loaded.metadata)
-
-
-def load_pretrained(name: str = "digits", device: str | torch.device = "cpu") -> Pretrained:
-    """The shipped model `name` in eval mode, its Schedule and metadata (image shape,
-    num_classes, null_class, data range, prediction type)."""
-    return load_from_file(weights_path(name), device=device)
+    return Pretrained(loaded.model, schedule_from_metadata(loaded.metadata, path), loaded.metadata)

@@ -195,6 +195,7 @@ class UNet(nn.Module):
     ) -> torch.Tensor:
         # x: [B, C, H, W]; t: [B] float (or a scalar); class_labels: [B] long or None
         cfg = self.config
+        self._check_inputs(x, class_labels)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         emb = self.time_mlp(timestep_embedding(t, cfg.base_channels).to(x.dtype))  # [B, E]
@@ -220,3 +221,28 @@ class UNet(nn.Module):
                 h = attn(res(torch.cat([h, hs.pop()], dim=1), emb))
             h = up(h)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+    def _check_inputs(self, x: torch.Tensor, class_labels: torch.Tensor | None) -> None:
+        """Shapes and dtypes always (free); label values only where that costs no device
+        sync (a CPU tensor, outside torch.compile): an index past the embedding on CUDA is
+        otherwise a device-side assert."""
+        cfg = self.config
+        want = (cfg.in_channels, cfg.image_size, cfg.image_size)
+        if x.ndim != 4 or tuple(x.shape[1:]) != want:
+            raise ValueError(f"UNet input x must be [B, {want[0]}, {want[1]}, {want[2]}] (in_channels, image_size "
+                             f"of this model), got {list(x.shape)}")
+        if class_labels is None:
+            return
+        if self.class_emb is None:
+            raise ValueError("class_labels given to an unconditional UNet (num_classes=None)")
+        if not torch.is_tensor(class_labels) or class_labels.dtype.is_floating_point or \
+                class_labels.dtype.is_complex or class_labels.dtype == torch.bool:
+            what = class_labels.dtype if torch.is_tensor(class_labels) else type(class_labels).__name__
+            raise TypeError(f"class_labels must be an integer tensor [B] (class ids), got {what}")
+        if tuple(class_labels.shape) != (x.shape[0],):
+            raise ValueError(f"class_labels must be [B] = [{x.shape[0]}], got {list(class_labels.shape)}")
+        if class_labels.device.type == "cpu" and not torch.compiler.is_compiling():
+            bad = class_labels[(class_labels < 0) | (class_labels > cfg.num_classes)]
+            if bad.numel():
+                raise ValueError(f"class_labels must be in 0..{cfg.num_classes - 1} (or {cfg.num_classes}, the null "
+                                 f"class), got {int(bad[0])}")
