@@ -34,6 +34,7 @@ from fastdiff import bench
 
 CUDA = torch.cuda.is_available()
 LOOP_BUDGET_S = 4.0  # timed seconds per case, roughly: rounds = budget / seconds per call, in [3, 10]
+GUIDANCE_INTERVAL = (0.28, 5.42)
 SIDE_BY_SIDE_BUDGET_S = 75.0  # the same for the interleaved digits rounds, in [5, 15]
 EAGER = ("fastdiff-eager", "diffusers-eager", "model-eager")
 GRAPH = ("fastdiff-graph", "model-graph")
@@ -112,7 +113,8 @@ def test_digits_side_by_side(benchmark, device, quick):
     """The digits claims as one interleaved measurement: each round runs fastdiff's loop (the
     device's default Sampler), the diffusers-style loop and steps x the model alone, in turn,
     so background load on a shared machine hits all alike; and both loops once more with the
-    model replaced by a no-op, which times each sampler's own work directly. On the CPU (not
+    model replaced by a no-op, which times each sampler's own work directly; and fastdiff's
+    loop guided only inside GUIDANCE_INTERVAL (the model sees B rows outside it). On the CPU (not
     --bench-quick) also Sampler(compile=True), the diffusers-style loop over the same compiled
     model, and steps x the compiled model alone.
     pytest-benchmark times the whole round; the per-impl samples are in extra_info."""
@@ -121,7 +123,10 @@ def test_digits_side_by_side(benchmark, device, quick):
     noop = bench.without_model(lm)
     alone, _ = bench.model_alone(lm, device)
     fns = {"fastdiff": bench.fastdiff_loop(lm, device)[1], "diffusers-eager": bench.diffusers_loop(lm, device),
-           "model-eager": lambda: [alone() for _ in range(lm.steps)]}
+           "model-eager": lambda: [alone() for _ in range(lm.steps)],
+           # guidance only for sigma in [0.28, 5.42] (Kynkaenniemi et al.'s EDM2 interval): 10 of the 20
+           # dpmpp_2m steps at 2B rows, the others at B
+           "fastdiff-interval": bench.fastdiff_loop(lm, device, guidance_interval=GUIDANCE_INTERVAL)[1]}
     if not (CUDA or quick):
         alone_compiled, _ = bench.model_alone(lm, device, compile=True)
         fns["fastdiff-compile"] = bench.fastdiff_loop(lm, device, compile=True)[1]

@@ -119,6 +119,7 @@ SIDE_BY_SIDE_PAIRS = {  # ratio -> (numerator impl, denominator impl), per round
     "compile_ratio_to_model_compile": ("fastdiff-compile", "model-compile"),
     "compile_speedup_over_diffusers": ("diffusers-eager", "fastdiff-compile"),
     "compile_speedup_over_diffusers_compiled": ("diffusers-compile", "fastdiff-compile"),
+    "guidance_interval_speedup": ("fastdiff", "fastdiff-interval"),  # full CFG / CFG inside an interval
 }
 
 

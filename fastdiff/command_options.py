@@ -49,6 +49,33 @@ def guidance_scale(args: argparse.Namespace) -> float:
     return w
 
 
+def parse_guidance_interval(text: str) -> tuple[float, float]:
+    """--guidance-interval 'LO,HI' -> (lo, hi), checked by guidance.check_guidance_interval."""
+    from .guidance import check_guidance_interval
+
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = None
+    if values is None or len(values) != 2:
+        raise ValueError(f"--guidance-interval must be LO,HI (two VE sigmas), got {text!r}")
+    try:
+        return check_guidance_interval(values)
+    except ValueError as e:
+        raise ValueError(f"--guidance-interval {text!r}: {e}") from None
+
+
+def model_rows(sampler, guidance_scale: float | None, interval) -> int:
+    """Model rows per sample: 2 for each guided row ([uncond; cond]), else 1 (guidance.row_guidance's
+    rule, the one the sampler applies; no guidance at w = 0 or 1, class_conditioning's meaning)."""
+    from .guidance import row_guidance
+
+    if guidance_scale is None or guidance_scale in (0.0, 1.0):
+        return sampler.table.rows
+    rows = row_guidance(sampler.table.sigma.tolist(), None, guidance_scale, interval)
+    return sum(1 if f is None else 2 for f in rows)
+
+
 def resolve_device(name: str | None) -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -9,7 +9,10 @@ heun evaluates the model twice per step except the last, so a budget of nfe eval
 runs (nfe + 1) // 2 steps (2 * steps - 1 evaluations: 9 for a budget of 10). The tables are
 by budget; the plot and the per-cell table use the sampler's own count. Writes a markdown
 table and a PNG plot (default: quality-<model>.md and .png in the current directory; the
-committed results are made with --out benchmarks/results/quality-digits.md).
+committed results are made with --out benchmarks/results/quality-digits.md). Each --guidance-interval LO,HI
+adds a row per solver guided only where the model-call sigma lies in [LO, HI]; "model rows"
+counts the model's per-sample work (a guided call evaluates two rows per sample, [uncond;
+cond], an unguided one row).
 """
 from __future__ import annotations
 
@@ -39,6 +42,14 @@ class Cell:
     fd: float
     seconds: float
     samples: int
+    interval: tuple[float, float] | None = None  # guidance interval (VE sigma), None: every step guided
+    model_rows: int = 0  # model rows evaluated per sample (a guided call counts its two halves)
+
+    @property
+    def label(self) -> str:
+        if self.interval is None:
+            return self.solver
+        return f"{self.solver}, guided for sigma in [{self.interval[0]:g}, {self.interval[1]:g}]"
 
 
 def frechet_distance(mu1: torch.Tensor, cov1: torch.Tensor, mu2: torch.Tensor, cov2: torch.Tensor) -> float:
@@ -87,8 +98,8 @@ def real_digits_floor(judge: Judge, n: int, seed: int = 0) -> tuple[float, float
 
 
 def sample_cell(loaded, solver: str, nfe: int, num_samples: int, batch: int, guidance_scale: float,
-                device: torch.device, backend: str):
-    """num_samples class-conditional samples from one (solver, NFE) setting."""
+                device: torch.device, backend: str, interval=None):
+    """num_samples class-conditional samples from one (solver, NFE, guidance interval) setting."""
     from .class_conditioning import class_conditioning
     from .sampler import Sampler
 
@@ -100,33 +111,39 @@ def sample_cell(loaded, solver: str, nfe: int, num_samples: int, batch: int, gui
         cond, uncond, w = class_conditioning(labels[lo:lo + batch].to(device), loaded.null_class, guidance_scale)
         chunks.append(sampler.sample(shape=(len(cond["class_labels"]), *loaded.image_shape),
                                      seeds=list(range(lo, lo + len(cond["class_labels"]))), cond=cond,
-                                     uncond=uncond, guidance_scale=w).cpu())
+                                     uncond=uncond, guidance_scale=w,
+                                     guidance_interval=interval if w is not None else None).cpu())
     return torch.cat(chunks), labels, sampler
 
 
-def evaluate(loaded, judge: Judge, cells: list[tuple[str, int]], *, num_samples: int, batch: int,
+def evaluate(loaded, judge: Judge, cells: list[tuple], *, num_samples: int, batch: int,
              guidance_scale: float, device: torch.device, backend: str = "auto", progress: bool = True) -> list[Cell]:
     from tqdm.auto import tqdm
 
     results = []
     bar = tqdm(cells, desc="eval", disable=not progress, dynamic_ncols=True)
-    for solver, nfe in bar:
+    for solver, nfe, *interval in bar:  # (solver, nfe) or (solver, nfe, (lo, hi))
+        interval = interval[0] if interval else None
         bar.set_postfix_str(f"{solver} @ {nfe}")
         start = time.perf_counter()
         images, labels, sampler = sample_cell(loaded, solver, nfe, num_samples, batch, guidance_scale, device,
-                                              backend)
+                                              backend, interval)
         seconds = time.perf_counter() - start
         accuracy, fd = judge(images, labels)
-        results.append(Cell(solver, nfe, sampler.num_model_evals, sampler.steps, accuracy, fd, seconds, num_samples))
-        bar.write(f"{solver:>16} NFE {sampler.num_model_evals:>4}: accuracy {accuracy:.3f}  FD {fd:8.3f}  "
-                  f"({seconds:.0f} s)")
+        from .command_options import model_rows
+
+        cell = Cell(solver, nfe, sampler.num_model_evals, sampler.steps, accuracy, fd, seconds, num_samples,
+                    interval, model_rows(sampler, guidance_scale, interval))
+        results.append(cell)
+        bar.write(f"{cell.label:>16} NFE {cell.nfe:>4} ({cell.model_rows} model rows): accuracy {accuracy:.3f}  "
+                  f"FD {fd:8.3f}  ({seconds:.0f} s)")
     return results
 
 
 def write_markdown(results: list[Cell], path: Path, header: dict, floor: tuple[float, float]) -> None:
-    solvers = list(dict.fromkeys(c.solver for c in results))
+    solvers = list(dict.fromkeys(c.label for c in results))
     nfes = sorted({c.budget for c in results})
-    by = {(c.solver, c.budget): c for c in results}
+    by = {(c.label, c.budget): c for c in results}
     lines = ["# Sample quality on the digits: classifier accuracy and Fréchet distance vs model evaluations", ""]
     lines += [f"- {k}: {v}" for k, v in header.items()]
     lines += [(f"- real digits ({header['samples per cell']} drawn at random): accuracy {floor[0]:.3f}, "
@@ -138,10 +155,12 @@ def write_markdown(results: list[Cell], path: Path, header: dict, floor: tuple[f
         for s in solvers:
             lines.append(f"| {s} | " + " | ".join(fmt(by[s, n]) if (s, n) in by else "" for n in nfes) + " |")
         lines.append("")
-    lines += ["## Every cell", "", "| solver | NFE budget | NFE | steps | samples | accuracy | FD | seconds |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {c.solver} | {c.budget} | {c.nfe} | {c.steps} | {c.samples} | {c.accuracy:.3f} | {c.fd:.3f} "
-              f"| {c.seconds:.1f} |" for c in results]
+    lines += ["## Every cell", "", "model rows: model evaluations per sample counting both halves of a guided "
+              "call ([uncond; cond]).", "",
+              "| solver | NFE budget | NFE | steps | samples | accuracy | FD | seconds | model rows |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {c.label} | {c.budget} | {c.nfe} | {c.steps} | {c.samples} | {c.accuracy:.3f} | {c.fd:.3f} "
+              f"| {c.seconds:.1f} | {c.model_rows} |" for c in results]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
 
@@ -159,8 +178,8 @@ def write_plot(results: list[Cell], path: Path, floor: tuple[float, float], titl
 
     fig, (ax_fd, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
     markers, styles = "os^vDP*X", ("-", "--", ":", "-.")  # solvers that coincide (ddim/euler) stay visible
-    for i, solver in enumerate(dict.fromkeys(c.solver for c in results)):
-        cells = sorted((c for c in results if c.solver == solver), key=lambda c: c.nfe)
+    for i, solver in enumerate(dict.fromkeys(c.label for c in results)):
+        cells = sorted((c for c in results if c.label == solver), key=lambda c: c.nfe)
         style = {"marker": markers[i % len(markers)], "ls": styles[i % len(styles)], "ms": 5, "label": solver}
         ax_fd.plot([c.nfe for c in cells], [c.fd for c in cells], **style)
         ax_acc.plot([c.nfe for c in cells], [c.accuracy for c in cells], **style)
@@ -193,10 +212,11 @@ def _int_list(name: str, text: str) -> list[int]:
     return values
 
 
-def plan_cells(solvers: list[str], nfes: list[int], extra: bool) -> list[tuple[str, int]]:
+def plan_cells(solvers: list[str], nfes: list[int], extra: bool, intervals=()) -> list[tuple]:
     cells = [(s, n) for s in solvers for n in nfes]
     if extra:
         cells += [c for c in EXTRA_CELLS if c[0] in solvers and c not in cells]
+    cells += [(s, n, iv) for iv in intervals for s in solvers for n in nfes]
     return cells
 
 
@@ -213,6 +233,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=250, help="samples per sampler call (default %(default)s)")
     p.add_argument("--out", default=None, help="markdown table; the plot goes beside it as .png "
                    "(default: quality-<model>.md, with --nll nll-<model>.md, in the current directory)")
+    p.add_argument("--guidance-interval", action="append", default=[], metavar="LO,HI",
+                   help="also evaluate guidance only where LO <= sigma <= HI (VE sigma of the model call; "
+                        "elsewhere the conditional half alone); repeat for more rows")
     nll_eval.add_arguments(p)
     solver_error.add_eval_arguments(p)
 
@@ -224,16 +247,24 @@ def default_out(model: str) -> Path:
 
 def main(args: argparse.Namespace) -> int:
     if args.nll:
+        if args.guidance_interval:
+            raise ValueError("--guidance-interval belongs to the sample-quality table, not --nll")
         return nll_eval.main(args)
     if args.solver_error:
+        if args.guidance_interval:
+            raise ValueError("--guidance-interval belongs to the sample-quality table, not --solver-error")
         return solver_error.eval_main(args)
-    from .command_options import guidance_scale, load_diffusion_model, resolve_device, show_progress
+    from .command_options import (guidance_scale, load_diffusion_model, parse_guidance_interval, resolve_device,
+                                  show_progress)
     from .solvers import check_solver
 
     solvers = [check_solver(s.strip()) for s in args.solvers.split(",") if s.strip()]
     if not solvers:
         raise ValueError(f"--solvers must name at least one solver; allowed: {', '.join(SOLVERS)}")
     nfes = _int_list("--nfes", args.nfes)
+    intervals = [parse_guidance_interval(text) for text in args.guidance_interval]
+    if intervals and args.guidance_scale in (0.0, 1.0):
+        raise ValueError("--guidance-interval needs guidance (--guidance-scale other than 0 and 1)")
     if args.num_samples < 2:
         raise ValueError(f"--num-samples must be >= 2 (the Fréchet distance needs a covariance), "
                          f"got {args.num_samples}")
@@ -249,7 +280,7 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--model {args.model!r}: eval needs a class-conditional diffusion model")
     out.parent.mkdir(parents=True, exist_ok=True)
     judge = Judge(device)
-    cells = plan_cells(solvers, nfes, extra=not args.no_ddpm_1000)
+    cells = plan_cells(solvers, nfes, extra=not args.no_ddpm_1000, intervals=intervals)
 
     start = time.perf_counter()
     results = evaluate(loaded, judge, cells, num_samples=args.num_samples, batch=args.batch,
@@ -267,7 +298,9 @@ def main(args: argparse.Namespace) -> int:
         "command": "fastdiff eval " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in
                                                (("solvers", args.solvers), ("nfes", args.nfes),
                                                 ("num_samples", args.num_samples),
-                                                ("guidance_scale", args.guidance_scale))),
+                                                ("guidance_scale", args.guidance_scale),
+                                                *(("guidance_interval", t) for t in args.guidance_interval)))
+        + (" --no-ddpm-1000" if args.no_ddpm_1000 else ""),
     }
     write_markdown(results, out, header, floor)
     plot = out.with_suffix(".png")

@@ -33,7 +33,7 @@ class TorchExecutor:
     def guided(self, r: int, out: torch.Tensor) -> torch.Tensor:
         """The model output after classifier-free guidance (and its rescale), float32 [B, ...]."""
         b = self.bufs
-        if not b.cfg:
+        if not b.guided[r]:  # no CFG, or an unguided row: out is the conditional half [B]
             return out.float()
         o = cfg_combine(out, b.cfg_w[r])
         if self.phi:
@@ -51,7 +51,7 @@ class TorchExecutor:
         slots, dest = self.layout[r]
         values = [b.x, D, D_raw] + [b.history[s] for s in slots] + [None] * (3 - len(slots)) + [None]
         if self.noisy[r]:
-            values[Z] = rng.randn(b.seeds, r, STREAM_STEP, b.x.shape[1:], device=b.x.device)
+            values[Z] = rng.randn(b.seeds, self.table.noise_counter(r), STREAM_STEP, b.x.shape[1:], device=b.x.device)
         x_next = _affine(self.state[r], values)
         p_next = _affine(self.point[r], values) if self.point is not None else x_next
         if dest is not None:
@@ -60,7 +60,7 @@ class TorchExecutor:
         if self.point is not None:
             b.point.copy_(p_next)
         if r + 1 < self.table.rows:
-            b.write_model_input(self.c_in[r + 1] * p_next)
+            b.write_model_input(self.c_in[r + 1] * p_next, both=b.guided[r + 1])
 
 
 def _affine(coefs: list[float], values: list) -> torch.Tensor:
@@ -99,7 +99,7 @@ class TritonExecutor(TorchExecutor):
     def step(self, r: int, out: torch.Tensor) -> None:
         b = self.bufs
         out_scale = thresh = None
-        if b.cfg and self.phi:
+        if b.guided[r] and self.phi:
             out_scale = rescale_factor(out, cfg_combine(out, b.cfg_w[r]), self.phi).contiguous()
         if self.threshold.dynamic_ratio is not None:
             p = b.point if self.point is not None else b.x
@@ -112,11 +112,18 @@ class TritonExecutor(TorchExecutor):
             r, self.coef, b.x, out.contiguous(),
             point=b.point, history=[b.history[s] for s in slots],
             push_dest=b.history[dest] if dest is not None else None,
-            model_in=b.model_in if r + 1 < self.table.rows else None,
-            cfg_w=b.cfg_w[r] if b.cfg else None, seeds=b.seeds,
+            model_in=self._next_model_in(r), cfg_w=b.cfg_w[r] if b.guided[r] else None, seeds=b.seeds,
             clip=self.threshold.clip if self.threshold.dynamic_ratio is None else None,
-            thresh=thresh, out_scale=out_scale, noise=bool(self.noisy[r]),
+            thresh=thresh, out_scale=out_scale, noise=bool(self.noisy[r]), noise_counter=self.table.noise_counter(r),
         )
+
+
+    def _next_model_in(self, r: int):
+        """Where the kernel writes row r + 1's input: both halves before a guided row, else the [B] half."""
+        b = self.bufs
+        if r + 1 >= self.table.rows:
+            return None
+        return b.model_in if b.guided[r + 1] else b.model_in_cond
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:

@@ -1,6 +1,10 @@
 """Guidance and thresholding: what happens to the model output before the affine step.
 
     classifier-free (Ho & Salimans 2022):  out = u + w (c - u)    from one [uncond; cond] call
+    guidance over time:                     w[r, b] = f(sigma_r) * s_b at rows whose model-call
+                                            sigma lies in [lo, hi] (Kynkaenniemi et al. 2024's
+                                            interval), else w = 1: out = c, a [B] call on the
+                                            conditional half only (see `row_guidance`)
     rescaled CFG (Lin et al. 2023, eq. 16): out <- phi * out * std(c)/std(out) + (1 - phi) * out
     classifier (Dhariwal & Nichol 2021):   score += s * grad log p(y | x_t), i.e.
                                             D <- D + s * sigma^2 / alpha * grad
@@ -13,6 +17,7 @@ kernel takes their results as per-sample multipliers.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +37,52 @@ class Thresholding:
         if self.dynamic_ratio is not None:
             check_number("dynamic_thresholding_ratio", self.dynamic_ratio, 0, 1)
         check_number("sample_max_value", self.max_value, 1, math.inf, lo_open=False, hi_open=True)
+
+
+def check_guidance_interval(interval) -> tuple[float, float] | None:
+    """None, or (sigma_lo, sigma_hi) in VE sigma units with 0 <= lo <= hi (hi may be inf)."""
+    if interval is None:
+        return None
+    bad = ValueError(f"guidance_interval must be (sigma_lo, sigma_hi) with 0 <= sigma_lo <= sigma_hi "
+                     f"(VE sigmas; sigma_hi may be inf), got {interval!r}")
+    if isinstance(interval, (str, bytes)) or not hasattr(interval, "__len__") or len(interval) != 2:
+        raise bad
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in interval):
+        raise bad
+    lo, hi = float(interval[0]), float(interval[1])
+    if math.isnan(lo) or math.isnan(hi) or not 0 <= lo <= hi or lo == math.inf:
+        raise bad
+    return lo, hi
+
+
+def row_guidance(sigmas: list[float], schedule, scale, interval) -> list[float | None]:
+    """Per table row, what the host knows of its guidance weight w[r, b] = f_r * s_b.
+
+    None: the row is unguided, w = 1 exactly, so the model is called on the conditional half
+    only ([B] rows, not [2B]): rows whose model-call sigma lies outside `interval`, and rows
+    whose weight is known on the host to be exactly 1 for every sample (a schedule's value
+    times a number scale). Otherwise the float f_r = schedule(sigma_r) (1 without one), times
+    `scale` when that is a number; a [B] tensor `scale` (s_b) is a device value the host
+    cannot read without a sync, so its rows stay guided ([2B]) whatever f_r is.
+    """
+    lo, hi = interval if interval is not None else (0.0, math.inf)
+    per_sample_scale = torch.is_tensor(scale)
+    rows = []
+    for s in sigmas:
+        if not lo <= s <= hi:
+            rows.append(None)
+            continue
+        f = 1.0
+        if schedule is not None:
+            f = schedule(s)
+            if not isinstance(f, numbers.Real) or isinstance(f, bool) or not math.isfinite(f):
+                raise ValueError(f"guidance_scale({s:g}) returned {f!r}; a guidance schedule must return a "
+                                 "finite number for every sigma")
+            f = float(f)
+        if not per_sample_scale:
+            f *= float(scale)
+        rows.append(None if f == 1.0 and not per_sample_scale else f)
+    return rows
 
 
 def per_sample(v: torch.Tensor, ndim: int) -> torch.Tensor:

@@ -27,17 +27,29 @@ MODEL_OUTPUT, CLASSIFIER_GRADIENT, SAMPLE = range(len(PROBES))
 
 
 class LoopBuffers:
-    """x [B, *S] f32 state; point (separate-point solvers); history ring; model_in [G*B, *S]."""
+    """x [B, *S] f32 state; point (separate-point solvers); history ring; model_in [G*B, *S].
 
-    def __init__(self, table: StepTable, batch: int, sample_shape, model_dtype, device, cfg: bool):
+    With CFG, model_in is [uncond; cond] = [2B] and its conditional half model_in[B:] is a
+    contiguous view: a guided row calls the model on [2B], an unguided one (`guided[r]`
+    False: outside a guidance interval, see guidance.row_guidance) on the [B] half with the
+    conditioning's [B:] rows, so one captured graph holds both batch shapes.
+    """
+
+    def __init__(self, table: StepTable, batch: int, sample_shape, model_dtype, device, cfg: bool,
+                 guided=None):
         f32 = dict(dtype=torch.float32, device=device)
         shape = (batch, *sample_shape)
         self.batch, self.cfg = batch, cfg
+        # per row, host-known: does the model see both halves? (all rows, by default, with CFG)
+        self.guided = [cfg and bool(g) for g in (guided if guided is not None else [True] * table.rows)]
+        if len(self.guided) != table.rows:
+            raise AssertionError(f"guided has {len(self.guided)} rows, the table {table.rows}")
         self.x = torch.empty(shape, **f32)
         self.point = torch.empty(shape, **f32) if table.separate_point else None
         self.history = [torch.empty(shape, **f32) for _ in range(table.history_len)]
         G = 2 if cfg else 1
         self.model_in = torch.empty((G * batch, *sample_shape), dtype=model_dtype, device=device)
+        self.model_in_cond = self.model_in[-batch:]  # the conditional half (all of it without CFG)
         self.seeds = torch.zeros(batch, dtype=torch.int64, device=device)
         self.cfg_w = torch.ones((table.rows, batch), **f32) if cfg else None
         self.t = table.t_model.to(**f32)[:, None].expand(table.rows, G * batch).contiguous()  # [R, G*B]
@@ -45,11 +57,18 @@ class LoopBuffers:
         self.probe = [list(row.unbind()) for row in self.probes.unbind()]  # views [r][slot]: no indexing per call
         self.cond: dict | None = None  # the model's keyword arguments, static copies (load)
 
-    def write_model_input(self, value: torch.Tensor) -> None:
+    def model_args(self, r: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(x, t, conditioning) of row r's model call: [2B] at a guided row, else the [B] conditional half."""
+        if self.guided[r] or not self.cfg:
+            return self.model_in, self.t[r], self.cond
         B = self.batch
-        self.model_in[:B].copy_(value)
-        if self.cfg:
-            self.model_in[B:].copy_(value)
+        return self.model_in_cond, self.t[r][B:], cond_half(self.cond, B)
+
+    def write_model_input(self, value: torch.Tensor, both: bool = True) -> None:
+        """The next model input; `both`=False writes the conditional half only (an unguided row next)."""
+        self.model_in_cond.copy_(value)
+        if self.cfg and both:
+            self.model_in[:self.batch].copy_(value)
 
     def load(self, x0, seeds, cfg_w, cond: dict, c_in0: float) -> None:
         """Copy a run's inputs into the static buffers (also between graph replays)."""
@@ -62,6 +81,12 @@ class LoopBuffers:
         self.cond = conditioning.copy_into(self.cond, cond)  # nested; see fastdiff/conditioning.py
         self.probes.zero_()
         self.write_model_input(c_in0 * self.x if self.point is None else c_in0 * self.point)
+
+
+def cond_half(cond, B: int):
+    """The conditional half of (nested) conditioning: every tensor's last B rows, as views (all
+    of a [B] one)."""
+    return conditioning.map_tensors(lambda v: v[-B:], cond)
 
 
 def nonfinite_probe(out: torch.Tensor) -> torch.Tensor:
@@ -105,12 +130,12 @@ class Loop:
 
     def call_model(self, r: int) -> torch.Tensor:
         b = self.bufs
-        out = checked_output(self.model(b.model_in, b.t[r], **b.cond), b.model_in)
+        x_in, t, cond = b.model_args(r)
+        out = checked_output(self.model(x_in, t, **cond), x_in)
         b.probe[r][MODEL_OUTPUT].add_(nonfinite_probe(out))
         if self.classifier is not None:
             B = b.batch
-            grad = classifier_grad(self.classifier, b.model_in[:B], b.t[r][:B],
-                                   conditioning.map_tensors(lambda v: v[-B:], b.cond))  # the cond half
+            grad = classifier_grad(self.classifier, b.model_in_cond, b.t[r][-B:], cond_half(b.cond, B))
             b.probe[r][CLASSIFIER_GRADIENT].add_(nonfinite_probe(grad))
             out = classifier_guided(out, grad, self.classifier_scale, self.abar[r], self.executor.d_out[r])
         return out
@@ -136,7 +161,8 @@ class Loop:
         target = b.point if b.point is not None else b.x
         M = self.corrector[r]
         for j in range(M):
-            out = checked_output(self.model(b.model_in, b.t[n], **b.cond), b.model_in)
+            x_in, t, cond = b.model_args(n)
+            out = checked_output(self.model(x_in, t, **cond), x_in)
             b.probe[n][MODEL_OUTPUT].add_(nonfinite_probe(out))  # n < rows: no corrector after the last row
             D, _ = ex.denoised(n, target, out)
             z = rng.randn(b.seeds, r * M + j, STREAM_CORRECTOR, target.shape[1:], device=target.device)
@@ -144,7 +170,7 @@ class Loop:
                                          float(table.corrector_alpha[r]), to_vp))
             if b.point is not None and self.point_is_state[r]:
                 b.x.copy_(target)
-            b.write_model_input(ex.c_in[n] * target)
+            b.write_model_input(ex.c_in[n] * target, both=b.guided[n])
 
     def raise_if_nonfinite(self) -> None:
         """FloatingPointError naming the first step, and what, that became non-finite."""

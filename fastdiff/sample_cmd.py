@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from .command_options import (add_model_arguments, guidance_scale, load_diffusion_model, parse_classes, rate_text,
-                              resolve_device, show_progress)
+from .command_options import (add_model_arguments, guidance_scale, load_diffusion_model, model_rows, parse_classes,
+                              parse_guidance_interval, rate_text, resolve_device, show_progress)
 
 DEFAULT_SOLVER, DEFAULT_STEPS, DEFAULT_PER_CLASS, DEFAULT_OUT, DEFAULT_BATCH = "dpmpp_2m", 20, 8, "samples.png", 64
 CELL_SCALE = 4  # 16x16 digits are drawn 4x larger (nearest) so the grid is readable
-GRID_FLAGS = {"per_class": "--per-class", "out": "--out"}
+GRID_FLAGS = {"per_class": "--per-class", "out": "--out", "guidance_interval": "--guidance-interval"}
 BULK_FLAGS = {"batch": "--batch", "format": "--format", "npz": "--npz", "nproc": "--nproc"}
 
 
@@ -38,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classes", default=None,
                    help="comma-separated class ids: one grid row each; in bulk mode seed s gets "
                         "classes[s %% len(classes)] (default: all classes)")
+    p.add_argument("--guidance-interval", default=None, metavar="LO,HI",
+                   help="guide only the steps whose model-call VE sigma lies in [LO, HI]; elsewhere the model "
+                        "sees the conditional half alone (default: every step)")
     p.add_argument("--seeds", default=None,
                    help="one seed per sample, e.g. 0-79 or 1,5,9-12 (grid: row by row, default 0..N-1; "
                         "bulk mode: required)")
@@ -134,6 +137,7 @@ def grid_main(args: argparse.Namespace) -> int:
         raise ValueError(f"--seeds gives {len(seeds)} seeds; need one per sample: {rows} rows x {per_class} = {n}")
 
     w = guidance_scale(args) if classes is not None else None
+    interval = parse_guidance_interval(args.guidance_interval) if args.guidance_interval is not None else None
     # one call: a CUDA graph captured here would never be replayed, so run the loop eagerly
     sampler = Sampler(loaded.model, loaded.schedule, solver=args.solver, steps=args.steps, graph=False,
                       backend=args.backend, device=device, **loaded.sampler_options(args.solver))
@@ -141,12 +145,15 @@ def grid_main(args: argparse.Namespace) -> int:
     if classes is not None:
         labels = torch.tensor(classes, device=device).repeat_interleave(per_class)  # [N], row by row
         cond, uncond, cfg = class_conditioning(labels, loaded.null_class, w)
+    if interval is not None and cfg is None:
+        raise ValueError("--guidance-interval needs guidance: a class-conditional model and --guidance-scale "
+                         "other than 0 and 1")
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
     x = sampler.sample(shape=(n, *loaded.image_shape), seeds=seeds, cond=cond, uncond=uncond, guidance_scale=cfg,
-                       progress=show_progress(args))
+                       guidance_interval=interval, progress=show_progress(args))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
@@ -155,9 +162,15 @@ def grid_main(args: argparse.Namespace) -> int:
     evals = sampler.num_model_evals
     batch = n * model_calls_per_step(w)
     print(f"wrote {out} ({rows} rows x {per_class}; {args.solver}, {sampler.steps} steps"
-          + (f", guidance {w:g}" if w is not None else "") + f", {device.type})")
-    print(f"sampling took {seconds:.2f} s: {rate_text(evals, seconds)} "
-          f"({evals} evaluations of a batch of {batch}, {evals * batch / seconds:.0f} images/s through the model)")
+          + (f", guidance {w:g}" if w is not None else "")
+          + (f" for sigma in [{interval[0]:g}, {interval[1]:g}]" if interval else "") + f", {device.type})")
+    if interval is None:
+        print(f"sampling took {seconds:.2f} s: {rate_text(evals, seconds)} "
+              f"({evals} evaluations of a batch of {batch}, {evals * batch / seconds:.0f} images/s through the model)")
+    else:
+        images = n * model_rows(sampler, w, interval)  # rows through the model, both halves
+        print(f"sampling took {seconds:.2f} s: {rate_text(evals, seconds)} ({evals} evaluations of a batch of "
+              f"{n} or {batch}: {images // n} rows per sample, {images / seconds:.0f} images/s through the model)")
     return 0
 
 

@@ -25,10 +25,10 @@ from .devices import check_device, on_device
 from .dtypes import MODEL_DTYPES
 from .executors import EXECUTORS, resolve_backend
 from .grids import SIGMA_GRIDS, SPACINGS, make_grid
-from .guidance import Thresholding
+from .guidance import Thresholding, check_guidance_interval, row_guidance
 from .loop import Loop, LoopBuffers
 from .noising import noise_to_level
-from .rng import STREAM_INIT
+from .rng import STREAM_INIT, STREAM_STEP
 from .schedules import FlowSchedule, Schedule
 from .seeds import as_seeds
 from .solvers import (DEFAULT_SIGMAS, STRIDE_PREV, build_table, check_flow_solver, check_solver, langevin,
@@ -47,7 +47,7 @@ def _default(name: str):
     return inspect.signature(Sampler.__init__).parameters[name].default
 
 
-def _solver_options(solver: str, spacing: str, given: dict) -> dict:
+def _solver_options(solver: str, spacing: str, schedule: Schedule, given: dict) -> dict:
     """The keywords for `solver`'s table builder; a non-default option it does not use is an error."""
     takes = solver_options(solver)
     for name, value in given.items():
@@ -57,6 +57,8 @@ def _solver_options(solver: str, spacing: str, given: dict) -> dict:
     options = {k: v for k, v in given.items() if k in takes and v is not None}  # None: the solver's default
     if "spacing" in takes:  # the grid's spacing, which the Euler family's initial sigma depends on
         options["spacing"] = spacing
+    if "t_at" in takes:  # the model timestep at a level off the grid (churn's sigma_hat)
+        options["t_at"] = schedule.t_at
     return options
 
 
@@ -92,10 +94,12 @@ class Sampler:
                  lower_order_final: bool = True, final_alpha_cumprod: float = 1.0, clip_sample: bool = False,
                  clip_range: float = 1.0, thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
                  sample_max_value: float = 1.0, use_clipped_model_output: bool = False,
-                 guidance_rescale: float = 0.0, classifier=None,
+                 guidance_rescale: float = 0.0, guidance_interval=None, classifier=None,
                  classifier_scale: float = 1.0, corrector: str | None = None, corrector_steps: int = 1,
-                 snr: float = 0.16, backend: str = "auto", graph="auto", compile: bool = False,
-                 max_graphs: int = 4, device=None, dtype: torch.dtype | None = None, final_units: str = "data"):
+                 snr: float = 0.16, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf,
+                 s_noise: float = 1.0, churn_variant: str = "edm", backend: str = "auto", graph="auto",
+                 compile: bool = False, max_graphs: int = 4, device=None, dtype: torch.dtype | None = None,
+                 final_units: str = "data"):
         if not isinstance(schedule, (Schedule, FlowSchedule)):
             raise ValueError(f"schedule must be a fastdiff.Schedule (or Schedule.flow_matching), "
                              f"got {type(schedule).__name__}")
@@ -140,6 +144,7 @@ class Sampler:
         if not isinstance(max_graphs, int) or max_graphs < 1:
             raise ValueError(f"max_graphs must be a positive integer, got {max_graphs!r}")
         self._check_guidance_scale(guidance_scale)
+        self.guidance_interval = check_guidance_interval(guidance_interval)  # for every guided sample() call
         check_number("final_alpha_cumprod", final_alpha_cumprod, 0, 1)
         if classifier is not None and not callable(classifier):
             raise ValueError("classifier must be callable as classifier(x, t, **kwargs) -> log p(y|x_t) [B]")
@@ -160,9 +165,10 @@ class Sampler:
                                   timesteps=timesteps)
         self.grid = make_grid(schedule, steps if timesteps is None else len(timesteps), **self._grid_options)
         self.steps = self.grid.steps
-        self._options = _solver_options(solver, spacing, dict(
+        self._options = _solver_options(solver, spacing, schedule, dict(
             eta=eta, variance=variance, solver_order=solver_order, lower_order_final=lower_order_final,
-            use_clipped_model_output=use_clipped_model_output))
+            use_clipped_model_output=use_clipped_model_output, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax,
+            s_noise=s_noise, churn_variant=churn_variant))
         if corrector is None and (corrector_steps, snr) != (_default("corrector_steps"), _default("snr")):
             raise ValueError(f"corrector_steps={corrector_steps!r} and snr={snr!r} set the corrector; "
                              "they need corrector='langevin'")
@@ -207,25 +213,44 @@ class Sampler:
     # ---- sampling -------------------------------------------------------------------
     @staticmethod
     def _check_guidance_scale(w):
-        if w is None:
+        if w is None or callable(w):  # a schedule f(sigma): its values are checked per row (row_guidance)
             return
         if torch.is_tensor(w):
             if not bool(torch.isfinite(w).all()):
                 raise ValueError("guidance_scale must be finite")
             return
         if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w):
-            raise ValueError(f"guidance_scale must be a finite number or a [B] tensor, got {w!r}")
+            raise ValueError(f"guidance_scale must be a finite number, a [B] tensor or a callable f(sigma) -> "
+                             f"float, got {w!r}")
+
+    def _guidance(self, given):
+        """(schedule, scale) from the Sampler's and sample()'s guidance_scale: a callable is a
+        schedule, a number or [B] tensor a scale; they multiply, and a sample() value replaces
+        the Sampler's of its kind. A schedule alone has scale 1."""
+        self._check_guidance_scale(given)
+        values = [self.guidance_scale, given]
+        schedule = next((w for w in reversed(values) if callable(w)), None)
+        scale = next((w for w in reversed(values) if w is not None and not callable(w)), None)
+        return schedule, (1.0 if scale is None and schedule is not None else scale)
 
     @torch.no_grad()
     def sample(self, noise: torch.Tensor | None = None, *, shape=None, seeds=None, cond: dict | None = None,
-               uncond: dict | None = None, guidance_scale=None, init: torch.Tensor | None = None,
-               strength: float | None = None, progress: bool | str | dict | None = None) -> torch.Tensor:
+               uncond: dict | None = None, guidance_scale=None, guidance_interval=None,
+               init: torch.Tensor | None = None, strength: float | None = None,
+               progress: bool | str | dict | None = None) -> torch.Tensor:
         """Draw samples; returns float32 [B, *S] in data units (see the class docstring).
 
         noise: x_T ~ N(0, I) (scaled by init_noise_sigma here); or shape + seeds, from which
         noise is drawn per sample.  cond/uncond: model keyword arguments, tensors batched along
         dim 0, nested in dicts/lists/tuples at any depth (fastdiff/conditioning.py); with uncond
         and a guidance scale, one batched [uncond; cond] call per step.
+        guidance_scale: a number, a [B] tensor (per sample) or a callable f(sigma) -> float (a
+        schedule over the model-call VE sigma, evaluated once per row on the host); a schedule
+        and a scale multiply (the Sampler's schedule times sample()'s scale, or the reverse).
+        guidance_interval=(lo, hi): guide only rows whose model-call sigma lies in [lo, hi];
+        elsewhere the weight is 1 and the model sees the conditional half only ([B], not [2B]).
+        Rows whose weight the host knows to be exactly 1 (a schedule's value times a number
+        scale) skip the unconditional half too; a [B] tensor scale keeps its rows [2B].
         init + strength: img2img/SDEdit, starting from init noised to the strength's level.
         progress: a tqdm bar per model evaluation; None or 'auto' (the default): on for a CPU
         sampler when stderr is a terminal, off otherwise (pipes, logs, notebooks' captured
@@ -242,9 +267,11 @@ class Sampler:
             progress = self.device.type == "cpu" and _stderr_is_terminal()
         x_T, seeds = self._initial_noise(noise, shape, seeds)
         B = x_T.shape[0]
-        w = self.guidance_scale if guidance_scale is None else guidance_scale
-        self._check_guidance_scale(w)
-        cfg = self._check_conditioning(cond, uncond, w, B)
+        schedule, scale = self._guidance(guidance_scale)
+        cfg = self._check_conditioning(cond, uncond, scale, B)
+        if guidance_interval is not None and not cfg:
+            raise ValueError("guidance_interval needs classifier-free guidance (a guidance_scale and uncond=)")
+        interval = self.guidance_interval if guidance_interval is None else check_guidance_interval(guidance_interval)
         start = self._start_step(init, strength, x_T)
         table = self._tables.get(start) or self._tables.setdefault(start, self._table(start))
         if init is None:
@@ -255,9 +282,17 @@ class Sampler:
             x0 = noise_to_level(init.to(self.device, torch.float32), abar, noise=x_T)  # VP x_t
             a, b = process_coefficients(self.grid.process, abar)  # the model's units: sqrt(a^2+b^2) x_t
             x0 = x0 * (math.sqrt(a * a + b * b) / input_scale(table.space, self.grid.process, abar))
+        if table.init_churn:  # the first step's re-heating, before the first model call (StepTable.noise_ahead)
+            x0 = x0 + table.init_churn * rng.randn(seeds, 0, STREAM_STEP, x0.shape[1:], device=self.device)
         kwargs = conditioning.batched(cond, uncond, cfg, self.device)
-        cfg_w = self._guidance_weights(w, B)[None].expand(table.rows, B) if cfg else None
-        runner = self._runner(table, start, B, tuple(x_T.shape[1:]), cfg, kwargs)
+        cfg_w, guided = None, (False,) * table.rows
+        if cfg:
+            s_b = self._guidance_weights(scale if torch.is_tensor(scale) else 1.0, B)
+            rows = row_guidance(table.sigma.tolist(), schedule, scale, interval)
+            guided = tuple(f is not None for f in rows)
+            f_r = torch.tensor([1.0 if f is None else f for f in rows], dtype=torch.float32, device=self.device)
+            cfg_w = f_r[:, None] * s_b[None]  # [R, B]; unguided rows' weights are never read
+        runner = self._runner(table, start, B, tuple(x_T.shape[1:]), cfg, kwargs, guided)
         with on_device(self.device):  # streams, capture and launches go to the current GPU
             return runner.run(x0, seeds, cfg_w, kwargs, progress)
 
@@ -288,6 +323,8 @@ class Sampler:
         B = x0.shape[0]
         w = self.guidance_scale if guidance_scale is None else guidance_scale
         self._check_guidance_scale(w)
+        if callable(w):
+            raise ValueError("invert() takes a number or [B] tensor guidance_scale, not a schedule f(sigma)")
         cfg = self._check_conditioning(cond, uncond, w, B)
         x_s = invert_table(self._model(), table, x0.to(self.device, torch.float32),
                            kwargs=conditioning.batched(cond, uncond, cfg, self.device),
@@ -344,12 +381,12 @@ class Sampler:
         return self.model if self._compiled_model is None else self._compiled_model  # no truth test: an
         # OptimizedModule forwards len() to the model, which raises for most nn.Modules
 
-    def _runner(self, table, start, B, sample_shape, cfg, kwargs):
-        key = (start, B, sample_shape, self.dtype, cfg, conditioning.signature(kwargs))
+    def _runner(self, table, start, B, sample_shape, cfg, kwargs, guided):
+        key = (start, B, sample_shape, self.dtype, cfg, guided, conditioning.signature(kwargs))
         if key in self._runners:
             self._runners.move_to_end(key)
             return self._runners[key]
-        bufs = LoopBuffers(table, B, sample_shape, self.dtype, self.device, cfg)
+        bufs = LoopBuffers(table, B, sample_shape, self.dtype, self.device, cfg, guided)
         executor = EXECUTORS[self.backend](table, bufs, self.threshold, self.guidance_rescale)
         loop = Loop(self._model(), table, bufs, executor, classifier=self.classifier,
                     classifier_scale=self.classifier_scale)

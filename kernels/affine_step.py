@@ -6,7 +6,8 @@ Per sample b and element e, with the row r = [d_point, d_out, c_in_next, state[7
     o      = o * out_scale[b]                                       (rescaled-CFG pre-pass)
     D_raw  = d_point * P + d_out * o       P = point if given else x
     D      = clamp(D_raw, -clip, clip)     or  clamp(D_raw, -s_b, s_b) / s_b   (thresh s_b)
-    V      = [x, D, D_raw, H0, H1, H2, z]  z ~ N(0, 1) keyed (seeds[b], r, STREAM_STEP, e)
+    V      = [x, D, D_raw, H0, H1, H2, z]  z ~ N(0, 1) keyed (seeds[b], counter, STREAM_STEP, e),
+                                           counter = r unless the table keys it ahead (churn)
     x      <- state . V
     point  <- point_row . V                (x_next when there is no separate point)
     push_dest <- push_row . V              (the history push, D for most solvers; may alias the oldest H_k)
@@ -35,9 +36,9 @@ _P = tl.constexpr(3 + NCOL)  # point[j] at _P + j
 _Q = tl.constexpr(3 + 2 * NCOL)  # push[j] at _Q + j
 
 
-@triton.jit(do_not_specialize=["row"])
+@triton.jit(do_not_specialize=["row", "counter"])
 def _affine_step_kernel(
-    coef_ptr, row, x_ptr, point_ptr, out_ptr, h0_ptr, h1_ptr, h2_ptr, push_ptr, model_in_ptr,
+    coef_ptr, row, counter, x_ptr, point_ptr, out_ptr, h0_ptr, h1_ptr, h2_ptr, push_ptr, model_in_ptr,
     cfg_w_ptr, seed_ptr, thresh_ptr, out_scale_ptr, clip, B, N,
     HAS_POINT: tl.constexpr, CFG: tl.constexpr,
     K: tl.constexpr, PUSH: tl.constexpr, NOISE: tl.constexpr, CLIP: tl.constexpr,
@@ -104,7 +105,7 @@ def _affine_step_kernel(
             q += tl.load(r + _Q + 5) * h
     if NOISE:
         seed = tl.load(seed_ptr + b, mask=in_batch, other=0)
-        z = normal_block(seed, start, row, STREAM, ROWS, BLOCK)
+        z = normal_block(seed, start, counter, STREAM, ROWS, BLOCK)
         x_next += tl.load(r + _S + 6) * z
         if HAS_POINT:
             p_next += tl.load(r + _P + 6) * z
@@ -156,11 +157,13 @@ def affine_step(
     thresh: torch.Tensor | None = None,
     out_scale: torch.Tensor | None = None,
     noise: bool = True,
+    noise_counter: int | None = None,
 ) -> None:
     """Execute row `row` of a coefficient table in place (see the module docstring).
 
     coef: [R, 3 + 3*NCOL] float32 on x's device. `noise` (from the caller's host copy of
-    the table) says whether this row reads z; False skips the draw (z = 0).
+    the table) says whether this row reads z; False skips the draw (z = 0). noise_counter:
+    the Philox counter of z (default: `row`; StepTable.noise_counter).
     """
     history = tuple(history)
     _check(isinstance(x, torch.Tensor) and x.dtype == torch.float32, "x must be a float32 tensor")
@@ -210,7 +213,8 @@ def affine_step(
     h = list(history) + [x] * (MAX_HISTORY - len(history))  # unused slots: never read
     with on_device(x):
         _affine_step_kernel[grid](
-            coef, row, x, point if point is not None else x, out, h[0], h[1], h[2],
+            coef, row, row if noise_counter is None else int(noise_counter),
+            x, point if point is not None else x, out, h[0], h[1], h[2],
             push_dest if push_dest is not None else x, model_in if model_in is not None else x,
             cfg_w if cfg_w is not None else x, seeds, thresh if thresh is not None else x,
             out_scale if out_scale is not None else x, float(clip) if clip is not None else 0.0, B, N,

@@ -8,6 +8,8 @@ from fastdiff.solvers.table import history_slots
 
 
 def plain_loop(model, table, seeds, shape, cond=None, uncond=None, w=None, dtype=torch.float32):
+    """w: None (no guidance), a number or [B] tensor, or a list with one such weight per row
+    where None means the row is unguided: the model is called on `cond` alone."""
     x = rng.randn(seeds, 0, STREAM_INIT, shape).to(dtype) * table.init_noise_sigma
     point = x.clone()
     history = [None] * max(table.history_len, 1)
@@ -15,11 +17,14 @@ def plain_loop(model, table, seeds, shape, cond=None, uncond=None, w=None, dtype
         p = point if table.point is not None else x
         t = torch.full((len(seeds),), float(table.t_model[r]))
         x_in = float(table.c_in[r]) * p
-        if w is None:
+        w_r = w[r] if isinstance(w, list) else w
+        if w_r is None:
             out = model(x_in, t, **(cond or {})).to(dtype)
         else:
+            if torch.is_tensor(w_r):
+                w_r = w_r.to(dtype).reshape(-1, *([1] * len(shape)))
             u, c = model(x_in, t, **uncond).to(dtype), model(x_in, t, **cond).to(dtype)
-            out = u + w * (c - u)
+            out = u + w_r * (c - u)
         D = float(table.d_point[r]) * p + float(table.d_out[r]) * out
         z = rng.randn(seeds, r, STREAM_STEP, shape).to(dtype)
         V = [x, D, D] + [history[s] for s in slots] + [None] * (3 - len(slots)) + [z]

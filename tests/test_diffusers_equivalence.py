@@ -171,6 +171,13 @@ STOCHASTIC = {
                                                                              steps_offset=1,
                                                                              prediction_type="v_prediction"),
                                      10, {}, "scheduling_euler_ancestral_discrete"),
+    # diffusers' churn (model before the re-heating; see fastdiff/solvers/euler.py): every step re-heats
+    "euler-churn": ("EulerDiscreteScheduler", {}, 10, dict(s_churn=3.0, s_noise=1.003), "scheduling_euler_discrete"),
+    "euler-churn-karras-v": ("EulerDiscreteScheduler", dict(use_karras_sigmas=True, prediction_type="v_prediction"),
+                             8, dict(s_churn=20.0), "scheduling_euler_discrete"),
+    "euler-churn-loglinear-sample": ("EulerDiscreteScheduler", dict(interpolation_type="log_linear",
+                                                                    prediction_type="sample"),
+                                     9, dict(s_churn=1.0), "scheduling_euler_discrete"),
     "sde-dpm-karras": ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++", use_karras_sigmas=True),
                        10, {}, "scheduling_dpmsolver_multistep"),
     "sde-dpm-order1": ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++", solver_order=1), 10, {},
@@ -188,6 +195,25 @@ def test_stochastic_matches_diffusers_given_the_same_noise(case, monkeypatch):
     want = diffusers_loop(scheduler, model, noise, steps, **step_kw)
     got = Sampler.from_diffusers(scheduler, model, steps=steps, **step_kw).sample(noise=noise, seeds=seeds)
     assert rel_err(got, want) < RTOL
+
+
+def test_euler_churn_inside_a_sigma_window_matches_diffusers(monkeypatch):
+    """s_tmin/s_tmax leave some steps unheated: diffusers draws no noise there, fastdiff's row
+    z of step i is keyed by i (diffusers' variant: the row's own counter)."""
+    scheduler, model = make("EulerDiscreteScheduler", dict(timestep_spacing="trailing"))
+    noise = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(4))
+    seeds = [3, 99, 2**50]
+
+    def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None):
+        return rng.randn(torch.as_tensor(seeds), scheduler.step_index, STREAM_STEP, tuple(shape[1:])).to(dtype)
+
+    monkeypatch.setattr("diffusers.schedulers.scheduling_euler_discrete.randn_tensor", randn_tensor)
+    kw = dict(s_churn=5.0, s_tmin=0.3, s_tmax=4.0, s_noise=0.9)
+    want = diffusers_loop(scheduler, model, noise, 12, **kw)
+    got = Sampler.from_diffusers(scheduler, model, steps=12, **kw).sample(noise=noise, seeds=seeds)
+    assert rel_err(got, want) < RTOL
+    plain = diffusers_loop(scheduler, model, noise, 12)
+    assert rel_err(got, plain) > 1e-2  # the churn changed the result: the check can fail
 
 
 # (scheduler, config, steps, step() keywords): draws of 1-D samples, diffusers' noise vs fastdiff's
@@ -221,7 +247,6 @@ def test_stochastic_sample_distribution_matches_diffusers(case):
 UNSUPPORTED = [
     ("DDPMScheduler", dict(variance_type="learned_range"), {}, "variance_type"),
     ("EulerDiscreteScheduler", dict(timestep_type="continuous", prediction_type="v_prediction"), {}, "timestep_type"),
-    ("EulerDiscreteScheduler", {}, dict(s_churn=1.0), "s_churn"),
     ("EulerAncestralDiscreteScheduler", dict(prediction_type="sample"), {}, "prediction_type"),
     ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min"), {},
      "algorithm_type"),

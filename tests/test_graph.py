@@ -115,11 +115,16 @@ def test_new_guidance_scale_and_seeds_replay_without_recapture():
     graph.sample(shape=(2, 16), seeds=[0, 1], cond=cond, uncond=uncond, guidance_scale=2.0)
     runner = next(iter(graph._runners.values()))
     captured = runner.graph
-    for w, seeds in ((5.0, [7, 8]), (1.0, [0, 3]), (torch.tensor([2.0, 9.0]), [5, 6])):
+    for w, seeds in ((5.0, [7, 8]), (0.0, [0, 3]), (torch.tensor([2.0, 9.0]), [5, 6]), (torch.ones(2), [1, 2])):
         got = graph.sample(shape=(2, 16), seeds=seeds, cond=cond, uncond=uncond, guidance_scale=w)
         want = eager.sample(shape=(2, 16), seeds=seeds, cond=cond, uncond=uncond, guidance_scale=w)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert runner.graph is captured and graph.num_cached_graphs == 1
+    # a number scale of exactly 1 calls the model on the conditional half only: its own graph
+    got = graph.sample(shape=(2, 16), seeds=[4, 5], cond=cond, uncond=uncond, guidance_scale=1.0)
+    want = eager.sample(shape=(2, 16), seeds=[4, 5], cond=cond, uncond=uncond, guidance_scale=1.0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert graph.num_cached_graphs == 2
 
 
 @pytest.mark.cuda

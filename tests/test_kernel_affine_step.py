@@ -14,7 +14,7 @@ TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16:
 
 def reference_step(row, coef, x, out, *, point=None, history=(), push_dest=None, model_in=None,
                    cfg_w=None, seeds, clip=None, thresh=None, out_scale=None,
-                   noise=True):
+                   noise=True, noise_counter=None):
     """The contract in float64 torch; returns the expected buffers (name -> tensor)."""
     B, S = x.shape[0], x.shape[1:]
     per = lambda v: v.double().view(B, *([1] * len(S)))  # noqa: E731  [B] -> [B, 1, ...]
@@ -36,7 +36,8 @@ def reference_step(row, coef, x, out, *, point=None, history=(), push_dest=None,
     if thresh is not None:
         s = per(thresh)
         d = torch.maximum(torch.minimum(d_raw, s), -s) / s
-    z = rng.randn(seeds, row, STREAM_STEP, S).double() if noise else torch.zeros_like(xd)
+    counter = row if noise_counter is None else noise_counter
+    z = rng.randn(seeds, counter, STREAM_STEP, S).double() if noise else torch.zeros_like(xd)
     V = [xd, d, d_raw] + [h.double() for h in history] + [torch.zeros_like(xd)] * (3 - len(history)) + [z]
     x_next = sum(state[j] * V[j] for j in range(NCOL))
     p_next = sum(point_row[j] * V[j] for j in range(NCOL)) if point is not None else x_next
@@ -70,7 +71,7 @@ def _coef(rows=3, seed=0, device="cpu"):
 
 def run_case(device, shape, *, cfg=False, K=0, push=None, point=False, noise=True, clip=None,
              thresh=False, out_scale=False, model_in_dtype=None, out_dtype=torch.float32,
-             row=1, seed=0):
+             row=1, seed=0, model_in_half=False, noise_counter=None):
     """Build random inputs, run kernel and reference, compare every written buffer."""
     g = torch.Generator().manual_seed(seed)
     B, S = shape[0], shape[1:]
@@ -83,13 +84,16 @@ def run_case(device, shape, *, cfg=False, K=0, push=None, point=False, noise=Tru
         point=randn(B, *S) if point else None,
         history=history,
         push_dest=None if push is None else (history[push] if push >= 0 else torch.empty(B, *S)),
-        model_in=None if model_in_dtype is None else torch.empty((2 if cfg else 1) * B, *S, dtype=model_in_dtype),
+        # model_in_half: a [2B] output, the next row unguided (the conditional half [B] only)
+        model_in=None if model_in_dtype is None else torch.empty((2 if cfg and not model_in_half else 1) * B, *S,
+                                                                 dtype=model_in_dtype),
         cfg_w=(1 + 4 * torch.rand(B, generator=g)) if cfg else None,
         seeds=torch.randint(0, 2**62, (B,), generator=g),
         clip=clip,
         thresh=(1 + torch.rand(B, generator=g)) if thresh else None,
         out_scale=(0.5 + torch.rand(B, generator=g)) if out_scale else None,
         noise=noise,
+        noise_counter=noise_counter,
     )
     want = reference_step(row, coef, x, out, **args)
 
@@ -127,6 +131,10 @@ CONFIGS = {
     "hist3_alias_point_thresh": dict(K=3, push=2, point=True, thresh=True, model_in_dtype=torch.float32),
     "cfg_point_scale_nonoise": dict(cfg=True, point=True, out_scale=True, noise=False,
                                     model_in_dtype=torch.float32),
+    # guidance interval: guided row, unguided next (model_in is the [B] conditional half)
+    "cfg_model_in_half": dict(cfg=True, K=1, push=0, model_in_dtype=torch.float32, model_in_half=True),
+    # churn: z keyed by the next row's counter (StepTable.noise_ahead)
+    "noise_ahead_point": dict(point=True, K=1, noise_counter=2, model_in_dtype=torch.float32),
 }
 
 

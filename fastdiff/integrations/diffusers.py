@@ -37,7 +37,7 @@ from ..schedules import Schedule
 from ..solvers.dpmpp import final_step_first_order
 
 # Sampler options that do not change what a scheduler computes; they pass through.
-RUNTIME_OPTIONS = ("guidance_scale", "guidance_rescale", "classifier", "classifier_scale", "corrector",
+RUNTIME_OPTIONS = ("guidance_scale", "guidance_rescale", "guidance_interval", "classifier", "classifier_scale", "corrector",
                    "corrector_steps", "snr", "backend", "graph", "compile", "max_graphs", "device", "dtype")
 # Keywords of diffusers' scheduler.step() that a caller may pass (as pipelines do).
 STEP_OPTIONS = ("eta", "use_clipped_model_output", "s_churn", "s_tmin", "s_tmax", "s_noise", "order")
@@ -213,8 +213,10 @@ def _euler_family(solver):
     def translate(s, c, N, step_kw, schedule):
         if solver == "euler":
             kw = _step_kw(s, step_kw, {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0})
-            if kw["s_churn"] != 0:
-                _unsupported(s, "s_churn", kw["s_churn"], "stochastic churn is not a fastdiff solver")
+            # diffusers' variant of EDM's churn: the model sees x before the re-heating (see solvers/euler.py);
+            # its gamma divides by len(sigmas) - 1 (N + 1 under log_linear), fastdiff's by N
+            churn = dict(s_churn=float(kw["s_churn"]) * N / (len(s.sigmas) - 1), s_tmin=float(kw["s_tmin"]),
+                         s_tmax=float(kw["s_tmax"]), s_noise=float(kw["s_noise"]), churn_variant="diffusers")
             if c.timestep_type == "continuous" and c.prediction_type == "v_prediction":
                 _unsupported(s, "timestep_type", "continuous", "the model would see 0.25 log(sigma), not a timestep")
         else:
@@ -225,8 +227,8 @@ def _euler_family(solver):
             grid = _explicit_grid(s.timesteps[0::2], torch.cat([s.sigmas[0:-1:2], s.sigmas[-1:]]))
         else:
             grid = _explicit_grid(s.timesteps, s.sigmas[: N + 1])  # log_linear lists N+2; the loop uses N+1
-        th = _thresholds(c) if solver == "heun" else {}
-        return dict(solver=solver, prediction=c.prediction_type, spacing=c.timestep_spacing, **grid, **th), (
+        extra = _thresholds(c) if solver == "heun" else churn if solver == "euler" else {}
+        return dict(solver=solver, prediction=c.prediction_type, spacing=c.timestep_spacing, **grid, **extra), (
             "prediction_type", "timestep_type", "clip_sample", "clip_sample_range")
     return translate
 

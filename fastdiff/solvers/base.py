@@ -105,12 +105,16 @@ class TableBuilder:
     process: str = "vp"
     history_len: int = 0
     separate_point: bool = False
+    noise_ahead: bool = False  # see StepTable.noise_ahead
+    init_churn: float = 0.0
     rows: list = field(default_factory=list)
 
     def add(self, t: float, abar: float, state: list[float], point: list[float] | None = None,
-            push: bool | list[float] = False, ends_step: bool = True) -> None:
-        """One row; `push`: True pushes D, a row over the COLUMNS pushes that combination."""
-        c_in, d_point, d_out = conversion(self.prediction, self.space, abar, self.process)
+            push: bool | list[float] = False, ends_step: bool = True, d_out: float | None = None) -> None:
+        """One row; `push`: True pushes D, a row over the COLUMNS pushes that combination; `d_out`: D per
+        unit of model output when it is not the level's own (diffusers' churned Euler)."""
+        c_in, d_point, d_level = conversion(self.prediction, self.space, abar, self.process)
+        d_out = d_level if d_out is None else d_out
         sigma_ve = math.sqrt((1 - abar) / abar) if abar > 0 else math.inf
         if point is not None and not self.separate_point:
             raise AssertionError("point rows need separate_point=True")
@@ -138,6 +142,7 @@ class TableBuilder:
             push=torch.tensor([not isinstance(p, bool) or p for p in pushes], dtype=torch.bool),
             init_noise_sigma=float(self.init_noise_sigma), push_row=push_row,
             history_len=self.history_len, ends_step=torch.tensor(col[8], dtype=torch.bool),
+            noise_ahead=self.noise_ahead, init_churn=float(self.init_churn),
         )
 
 

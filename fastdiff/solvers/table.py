@@ -58,6 +58,12 @@ class StepTable:
     # per-row "alpha_i = 1 - beta_i" of Song et al.'s VP corrector, and the point's
     # VP (alpha, sigma) for the corrector's score; None without a corrector.
     corrector_alpha: torch.Tensor | None = None  # [R]
+    # Noise BEFORE a model call (EDM's churn, Karras et al. 2022 Alg. 2): with noise_ahead, row
+    # r's z is keyed by the NEXT row's counter, (seed, r + 1, STREAM_STEP): it is the re-heating
+    # noise of row r + 1, added by row r's update before row r + 1's model call. The first row's
+    # is added to the initial point: x_0 = init_noise_sigma * noise + init_churn * z(seed, 0).
+    noise_ahead: bool = False
+    init_churn: float = 0.0
 
     @property
     def rows(self) -> int:
@@ -66,6 +72,10 @@ class StepTable:
     @property
     def separate_point(self) -> bool:
         return self.point is not None
+
+    def noise_counter(self, r: int) -> int:
+        """The Philox counter of row r's z (see noise_ahead)."""
+        return r + 1 if self.noise_ahead else r
 
     def uses_noise(self) -> torch.Tensor:
         """[R] bool: rows whose update draws z."""
