@@ -40,38 +40,71 @@ class TorchExecutor:
             o = o * per_sample(rescale_factor(out, o, self.phi), o.ndim)
         return o
 
-    def denoised(self, r: int, point: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        D_raw = self.d_point[r] * point + self.d_out[r] * self.guided(r, out)
+    def denoised(self, r: int, point: torch.Tensor, out: torch.Tensor,
+                 into: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(D, D_raw); D_raw = d_point * point + d_out * guided output, written into `into` when given."""
+        o = self.guided(r, out)
+        dp, do = self.d_point[r], self.d_out[r]
+        if into is None:
+            D_raw = dp * point + do * o
+        else:  # the same two products and sum, rounded alike
+            scaled_out = do * o
+            torch.mul(point, dp, out=into).add_(scaled_out)
+            D_raw = into
         return apply_threshold(D_raw, self.threshold), D_raw
 
     def step(self, r: int, out: torch.Tensor) -> None:
+        """Row r in place: every value that reads x is written before x is; the history push last,
+        since the slot it fills may be one this row reads."""
         b = self.bufs
         p = b.point if self.point is not None else b.x
-        D, D_raw = self.denoised(r, p, out)
         slots, dest = self.layout[r]
+        # D straight into the slot it is pushed to, when this row reads no value held there
+        direct = dest is not None and self.push_row is None and dest not in slots and self.threshold.plain
+        D, D_raw = self.denoised(r, p, out, into=b.history[dest] if direct else None)
         values = [b.x, D, D_raw] + [b.history[s] for s in slots] + [None] * (3 - len(slots)) + [None]
         if self.noisy[r]:
             values[Z] = rng.randn(b.seeds, self.table.noise_counter(r), STREAM_STEP, b.x.shape[1:], device=b.x.device)
-        x_next = _affine(self.state[r], values)
-        p_next = _affine(self.point[r], values) if self.point is not None else x_next
-        if dest is not None:
-            b.history[dest].copy_(D if self.push_row is None else _affine(self.push_row[r], values))
-        b.x.copy_(x_next)
+        push = None
+        if dest is not None and not direct:
+            push = D if self.push_row is None else _affine(self.push_row[r], values)
         if self.point is not None:
-            b.point.copy_(p_next)
+            _affine_into(b.point, self.point[r], values)  # the values hold no view of the point
+        _affine_into(b.x, self.state[r], values)
+        if push is not None:
+            b.history[dest].copy_(push)
         if r + 1 < self.table.rows:
-            b.write_model_input(self.c_in[r + 1] * p_next, both=b.guided[r + 1])
+            b.write_model_input(p, self.c_in[r + 1], both=b.guided[r + 1])
+
+
+def _terms(coefs: list[float], values: list) -> list:
+    terms = [(c, v) for c, v in zip(coefs, values) if c != 0.0]
+    if any(v is None for _, v in terms):
+        raise AssertionError("a row reads a history slot that is not filled yet")
+    return terms
 
 
 def _affine(coefs: list[float], values: list) -> torch.Tensor:
     acc = None
-    for c, v in zip(coefs, values):
-        if c == 0.0:
-            continue
-        if v is None:
-            raise AssertionError("a row reads a history slot that is not filled yet")
+    for c, v in _terms(coefs, values):
         acc = c * v if acc is None else acc.add_(v, alpha=c)
     return acc if acc is not None else torch.zeros_like(values[0])
+
+
+def _affine_into(dest: torch.Tensor, coefs: list[float], values: list) -> None:
+    """dest = coefs . values in place, summed in _affine's order; dest may be values[0] (read
+    first), never another value."""
+    terms = _terms(coefs, values)
+    if not terms:
+        dest.zero_()
+        return
+    (c, v), rest = terms[0], terms[1:]
+    if v is not dest:
+        torch.mul(v, c, out=dest)
+    elif c != 1.0:
+        dest.mul_(c)
+    for c, v in rest:
+        dest.add_(v, alpha=c)
 
 
 def packed_coefficients(table: StepTable, device) -> torch.Tensor:

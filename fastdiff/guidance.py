@@ -38,6 +38,11 @@ class Thresholding:
             check_number("dynamic_thresholding_ratio", self.dynamic_ratio, 0, 1)
         check_number("sample_max_value", self.max_value, 1, math.inf, lo_open=False, hi_open=True)
 
+    @property
+    def plain(self) -> bool:
+        """No thresholding: D is D_raw."""
+        return self.clip is None and self.dynamic_ratio is None
+
 
 def check_guidance_interval(interval) -> tuple[float, float] | None:
     """None, or (sigma_lo, sigma_hi) in VE sigma units with 0 <= lo <= hi (hi may be inf)."""

@@ -3,7 +3,7 @@
 Everything the loop touches is allocated once (`LoopBuffers`); inputs are copied in
 before a run (`load`), per-row constants are Python floats baked into the code path, and
 per-sample values live in device tensors.  Nothing reads a tensor value on the host:
-the non-finite check adds probes (`nonfinite_probe`) into a row's slots of a device
+the non-finite check adds probes (`add_nonfinite_probe`) into a row's slots of a device
 buffer, read once at the end: one reduction per model call, one of the classifier's
 gradient when there is a classifier, and one of the sample after each row (two with a
 separate evaluation point), where isfinite().all() and a where() took several kernels.
@@ -64,11 +64,16 @@ class LoopBuffers:
         B = self.batch
         return self.model_in_cond, self.t[r][B:], cond_half(self.cond, B)
 
-    def write_model_input(self, value: torch.Tensor, both: bool = True) -> None:
-        """The next model input; `both`=False writes the conditional half only (an unguided row next)."""
-        self.model_in_cond.copy_(value)
+    def write_model_input(self, point: torch.Tensor, c_in: float, both: bool = True) -> None:
+        """The next model input c_in * point; `both`=False writes the conditional half only (an
+        unguided row next). The product is formed once, in the conditional half, and copied."""
+        cond = self.model_in_cond
+        if cond.dtype == point.dtype:
+            torch.mul(point, c_in, out=cond)
+        else:
+            cond.copy_(point * c_in)
         if self.cfg and both:
-            self.model_in[:self.batch].copy_(value)
+            self.model_in[:self.batch].copy_(cond)
 
     def load(self, x0, seeds, cfg_w, cond: dict, c_in0: float) -> None:
         """Copy a run's inputs into the static buffers (also between graph replays)."""
@@ -80,7 +85,7 @@ class LoopBuffers:
             self.cfg_w.copy_(cfg_w)
         self.cond = conditioning.copy_into(self.cond, cond)  # nested; see fastdiff/conditioning.py
         self.probes.zero_()
-        self.write_model_input(c_in0 * self.x if self.point is None else c_in0 * self.point)
+        self.write_model_input(self.x if self.point is None else self.point, c_in0)
 
 
 def cond_half(cond, B: int):
@@ -89,16 +94,22 @@ def cond_half(cond, B: int):
     return conditioning.map_tensors(lambda v: v[-B:], cond)
 
 
-def nonfinite_probe(out: torch.Tensor) -> torch.Tensor:
-    """A float64 scalar that is non-finite exactly when `out` holds an inf or a NaN.
+def add_nonfinite_probe(probe: torch.Tensor, out: torch.Tensor) -> None:
+    """Adds to the float64 scalar `probe` a value that is non-finite exactly when `out` holds an
+    inf or a NaN.
 
-    float32 and narrower: the float64 sum (float32's largest value times any tensor size
-    stays far below float64's, so a finite output never overflows). float64: the sum of
+    float32 and narrower: out's min and max, from one pass (aminmax propagates NaN; an inf is
+    the min or the max); both are finite float32 values otherwise, whose float64 sum cannot
+    overflow (a float32 sum of the whole tensor could: hence no plain sum). float64: the sum of
     out * 0, which is 0 for finite values and NaN for inf or NaN. Graph-safe: no host read.
     """
+    if out.numel() == 0:  # a shape, known on the host: nothing to watch
+        return
     if out.dtype == torch.float64:
-        return (out * 0).sum()
-    return out.sum(dtype=torch.float64)
+        probe.add_((out * 0).sum())
+        return
+    lo, hi = torch.aminmax(out)
+    probe.add_(lo).add_(hi)
 
 
 def checked_output(raw, model_in: torch.Tensor) -> torch.Tensor:
@@ -132,11 +143,11 @@ class Loop:
         b = self.bufs
         x_in, t, cond = b.model_args(r)
         out = checked_output(self.model(x_in, t, **cond), x_in)
-        b.probe[r][MODEL_OUTPUT].add_(nonfinite_probe(out))
+        add_nonfinite_probe(b.probe[r][MODEL_OUTPUT], out)
         if self.classifier is not None:
             B = b.batch
             grad = classifier_grad(self.classifier, b.model_in_cond, b.t[r][-B:], cond_half(b.cond, B))
-            b.probe[r][CLASSIFIER_GRADIENT].add_(nonfinite_probe(grad))
+            add_nonfinite_probe(b.probe[r][CLASSIFIER_GRADIENT], grad)
             out = classifier_guided(out, grad, self.classifier_scale, self.abar[r], self.executor.d_out[r])
         return out
 
@@ -144,9 +155,9 @@ class Loop:
         b = self.bufs
         for r in range(self.table.rows):
             self.executor.step(r, self.call_model(r))
-            b.probe[r][SAMPLE].add_(nonfinite_probe(b.x))  # before the corrector, whose calls probe row r + 1
+            add_nonfinite_probe(b.probe[r][SAMPLE], b.x)  # before the corrector, whose calls probe row r + 1
             if b.point is not None:
-                b.probe[r][SAMPLE].add_(nonfinite_probe(b.point))
+                add_nonfinite_probe(b.probe[r][SAMPLE], b.point)
             if self.corrector is not None and self.corrector[r]:
                 self.correct(r)
             if progress is not None:
@@ -163,14 +174,14 @@ class Loop:
         for j in range(M):
             x_in, t, cond = b.model_args(n)
             out = checked_output(self.model(x_in, t, **cond), x_in)
-            b.probe[n][MODEL_OUTPUT].add_(nonfinite_probe(out))  # n < rows: no corrector after the last row
+            add_nonfinite_probe(b.probe[n][MODEL_OUTPUT], out)  # n < rows: no corrector after the last row
             D, _ = ex.denoised(n, target, out)
             z = rng.randn(b.seeds, r * M + j, STREAM_CORRECTOR, target.shape[1:], device=target.device)
             target.copy_(langevin.update(target, D, z, alpha, sigma, table.corrector_snr,
                                          float(table.corrector_alpha[r]), to_vp))
             if b.point is not None and self.point_is_state[r]:
                 b.x.copy_(target)
-            b.write_model_input(ex.c_in[n] * target, both=b.guided[n])
+            b.write_model_input(target, ex.c_in[n], both=b.guided[n])
 
     def raise_if_nonfinite(self) -> None:
         """FloatingPointError naming the first step, and what, that became non-finite."""
