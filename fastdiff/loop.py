@@ -24,6 +24,7 @@ from .solvers.table import StepTable
 # what each of a row's probe slots watches, in the order the row produces them
 PROBES = ("model output", "classifier gradient", "sample")
 MODEL_OUTPUT, CLASSIFIER_GRADIENT, SAMPLE = range(len(PROBES))
+SMALL_PROBE = 16384  # elements: below, a float64 sum probes faster than aminmax (2-core EPYC, torch 2.13)
 
 
 class LoopBuffers:
@@ -98,15 +99,20 @@ def add_nonfinite_probe(probe: torch.Tensor, out: torch.Tensor) -> None:
     """Adds to the float64 scalar `probe` a value that is non-finite exactly when `out` holds an
     inf or a NaN.
 
-    float32 and narrower: out's min and max, from one pass (aminmax propagates NaN; an inf is
-    the min or the max); both are finite float32 values otherwise, whose float64 sum cannot
-    overflow (a float32 sum of the whole tensor could: hence no plain sum). float64: the sum of
-    out * 0, which is 0 for finite values and NaN for inf or NaN. Graph-safe: no host read.
+    float32 and narrower: the float64 sum (float32's largest value times any tensor size stays
+    far below float64's, so a finite output never overflows; a float32 sum could), or from
+    SMALL_PROBE elements on, where converting costs more than the two extra tiny adds, out's
+    min and max from one pass (aminmax propagates NaN; an inf is the min or the max), summed
+    in float64. float64: the sum of out * 0, which is 0 for finite values and NaN for inf or
+    NaN. The branches read only the shape and dtype. Graph-safe: no host read.
     """
-    if out.numel() == 0:  # a shape, known on the host: nothing to watch
+    if out.numel() == 0:  # nothing to watch
         return
     if out.dtype == torch.float64:
         probe.add_((out * 0).sum())
+        return
+    if out.numel() < SMALL_PROBE:
+        probe.add_(out.sum(dtype=torch.float64))
         return
     lo, hi = torch.aminmax(out)
     probe.add_(lo).add_(hi)

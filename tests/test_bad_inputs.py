@@ -181,6 +181,27 @@ class HugeFrom:
         return torch.full_like(out, self.value) if self.calls > self.k else out
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("numel", [7, fastdiff.loop.SMALL_PROBE - 1, fastdiff.loop.SMALL_PROBE + 5])
+def test_the_probe_is_nonfinite_exactly_when_the_tensor_is(numel, dtype):
+    """Both probe forms (float64 sum below SMALL_PROBE elements, aminmax above) against
+    isfinite().all(): tensors full of the dtype's largest values stay finite; one NaN, +inf,
+    -inf, or +inf with -inf, anywhere, does not."""
+    big = torch.finfo(dtype).max
+    gen = torch.Generator().manual_seed(numel)
+    cases = [torch.full((numel,), big, dtype=dtype), torch.full((numel,), -big, dtype=dtype),
+             (torch.rand(numel, generator=gen) * 2 - 1).to(dtype) * big]
+    for bad in ([math.nan], [math.inf], [-math.inf], [math.inf, -math.inf]):
+        x = torch.randn(numel, generator=gen).to(dtype)
+        where = torch.randperm(numel, generator=gen)[:len(bad)]
+        x[where] = torch.tensor(bad, dtype=dtype)
+        cases.append(x)
+    for x in cases:
+        probe = torch.zeros((), dtype=torch.float64)
+        fastdiff.loop.add_nonfinite_probe(probe, x.view(1, -1))
+        assert bool(torch.isfinite(probe)) == bool(torch.isfinite(x).all())
+
+
 def test_a_finite_but_huge_epsilon_is_reported_where_the_sample_overflows():
     """epsilon = 3e38 (finite) from step 3: D = (x - sigma eps) / alpha exceeds float32's
     maximum 3.4e38 whenever the VE sigma (sigma / alpha) exceeds 1.2, as it does at step 3."""
