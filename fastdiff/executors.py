@@ -29,6 +29,13 @@ class TorchExecutor:
         self.layout = history_slots(table)
         self.push_row = table.push_row.tolist() if table.push_row is not None else None
         self.noisy = table.uses_noise().tolist()
+        # per row, on the host: the nonzero (column, coefficient) terms of each affine row, and
+        # whether D goes straight into the slot it is pushed to (this row reads no value held there)
+        self.state_terms = [_nonzero(row) for row in self.state]
+        self.point_terms = [_nonzero(row) for row in self.point] if self.point is not None else None
+        self.push_terms = [_nonzero(row) for row in self.push_row] if self.push_row is not None else None
+        self.direct = [dest is not None and self.push_row is None and dest not in slots and threshold.plain
+                       for slots, dest in self.layout]
 
     def guided(self, r: int, out: torch.Tensor) -> torch.Tensor:
         """The model output after classifier-free guidance (and its rescale), float32 [B, ...]."""
@@ -59,52 +66,58 @@ class TorchExecutor:
         b = self.bufs
         p = b.point if self.point is not None else b.x
         slots, dest = self.layout[r]
-        # D straight into the slot it is pushed to, when this row reads no value held there
-        direct = dest is not None and self.push_row is None and dest not in slots and self.threshold.plain
+        direct = self.direct[r]
         D, D_raw = self.denoised(r, p, out, into=b.history[dest] if direct else None)
         values = [b.x, D, D_raw] + [b.history[s] for s in slots] + [None] * (3 - len(slots)) + [None]
         if self.noisy[r]:
             values[Z] = rng.randn(b.seeds, self.table.noise_counter(r), STREAM_STEP, b.x.shape[1:], device=b.x.device)
         push = None
         if dest is not None and not direct:
-            push = D if self.push_row is None else _affine(self.push_row[r], values)
-        if self.point is not None:
-            _affine_into(b.point, self.point[r], values)  # the values hold no view of the point
-        _affine_into(b.x, self.state[r], values)
+            push = D if self.push_terms is None else _affine(self.push_terms[r], values)
+        if self.point_terms is not None:
+            _affine_into(b.point, self.point_terms[r], values)  # the values hold no view of the point
+        _affine_into(b.x, self.state_terms[r], values)
         if push is not None:
             b.history[dest].copy_(push)
         if r + 1 < self.table.rows:
             b.write_model_input(p, self.c_in[r + 1], both=b.guided[r + 1])
 
 
-def _terms(coefs: list[float], values: list) -> list:
-    terms = [(c, v) for c, v in zip(coefs, values) if c != 0.0]
-    if any(v is None for _, v in terms):
+def _nonzero(coefs: list[float]) -> list[tuple[int, float]]:
+    """An affine row's (column, coefficient) terms with a nonzero coefficient, in column order."""
+    return [(i, c) for i, c in enumerate(coefs) if c != 0.0]
+
+
+def _value(values: list, i: int) -> torch.Tensor:
+    v = values[i]
+    if v is None:
         raise AssertionError("a row reads a history slot that is not filled yet")
-    return terms
+    return v
 
 
-def _affine(coefs: list[float], values: list) -> torch.Tensor:
+def _affine(terms: list[tuple[int, float]], values: list) -> torch.Tensor:
+    """sum_i c_i * values[i] over the terms, in a new tensor."""
     acc = None
-    for c, v in _terms(coefs, values):
+    for i, c in terms:
+        v = _value(values, i)
         acc = c * v if acc is None else acc.add_(v, alpha=c)
     return acc if acc is not None else torch.zeros_like(values[0])
 
 
-def _affine_into(dest: torch.Tensor, coefs: list[float], values: list) -> None:
-    """dest = coefs . values in place, summed in _affine's order; dest may be values[0] (read
-    first), never another value."""
-    terms = _terms(coefs, values)
+def _affine_into(dest: torch.Tensor, terms: list[tuple[int, float]], values: list) -> None:
+    """The same sum, in the same order, written into dest; dest may be values[0] (read first),
+    never another value."""
     if not terms:
         dest.zero_()
         return
-    (c, v), rest = terms[0], terms[1:]
+    (i, c), rest = terms[0], terms[1:]
+    v = _value(values, i)
     if v is not dest:
         torch.mul(v, c, out=dest)
     elif c != 1.0:
         dest.mul_(c)
-    for c, v in rest:
-        dest.add_(v, alpha=c)
+    for i, c in rest:
+        dest.add_(_value(values, i), alpha=c)
 
 
 def packed_coefficients(table: StepTable, device) -> torch.Tensor:
