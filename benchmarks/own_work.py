@@ -22,12 +22,7 @@ from fastdiff import bench, bench_cases, rng
 
 def measure_case(lm, rounds: int) -> dict:
     fns = {"fastdiff": bench_cases.fastdiff_loop(lm, "cpu")[1], "diffusers": bench_cases.diffusers_loop(lm, "cpu")}
-    for fn in fns.values():
-        fn()  # warm-up
-    samples = {name: [] for name in fns}
-    for i in range(rounds):
-        for name in bench.rotated(list(fns), i):
-            samples[name].append(bench.timed_call(fns[name], "cpu"))
+    samples = {name: t.samples for name, t in bench.measure(fns, "cpu", rounds=rounds, warmup=1, min_round_s=0).items()}
     return {"samples": samples, "ratio": bench.paired_ratio(samples["fastdiff"], samples["diffusers"])}
 
 
@@ -54,11 +49,8 @@ def main(rounds: str = "41", out: str | None = None) -> None:
     shape, seeds = (lm.batch, *lm.sample_shape), list(range(lm.batch))
     fns = {"fastdiff": lambda: rng.randn(seeds, 0, rng.STREAM_INIT, lm.sample_shape),
            "diffusers": lambda: torch.randn(shape)}
-    res = {name: [] for name in fns}
-    for i in range(rounds):
-        for name in bench.rotated(list(fns), i):
-            res[name].append(bench.timed_call(fns[name], "cpu"))
-    med = {name: sorted(s)[len(s) // 2] * 1e3 for name, s in res.items()}
+    med = {name: t.median * 1e3 for name, t in bench.measure(fns, "cpu", rounds=rounds, warmup=1,
+                                                                 min_round_s=0).items()}
     lines += ["", f"Initial noise alone, {lm.batch} x {'x'.join(map(str, lm.sample_shape))}: fastdiff's rng.randn "
               f"{med['fastdiff']:.2f} ms, torch.randn {med['diffusers']:.2f} ms (medians)."]
     text = "\n".join(lines) + "\n"
