@@ -53,11 +53,7 @@ def main(rounds: str = "41", out: str | None = None) -> None:
                                                                  min_round_s=0).items()}
     lines += ["", f"Initial noise alone, {lm.batch} x {'x'.join(map(str, lm.sample_shape))}: fastdiff's rng.randn "
               f"{med['fastdiff']:.2f} ms, torch.randn {med['diffusers']:.2f} ms (medians)."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if out:
-        with open(out, "w") as f:
-            f.write(text)
+    bench.print_and_write("\n".join(lines) + "\n", out)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from fastdiff import bench_cases, loop
+from fastdiff import bench, bench_cases, loop
 
 
 def run_without_sample_probe(self, progress=None):
@@ -61,11 +61,7 @@ def main(out=None):
         alone = (time.perf_counter() - start) / reps * sampler.table.rows
         lines.append(f"| {case.name} | {on * 1e3:.3f} | {off * 1e3:.3f} | {(on - off) / off:+.1%} | "
                      f"{alone * 1e3:.3f} ({alone / off:.3%}) |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if out:
-        with open(out, "w") as f:
-            f.write(text)
+    bench.print_and_write("\n".join(lines) + "\n", out)
 
 
 if __name__ == "__main__":

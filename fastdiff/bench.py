@@ -99,6 +99,14 @@ def measure(fns: dict[str, Callable[[], object]], device, *, rounds: int = 7, wa
     return {name: Timing(s) for name, s in samples.items()}
 
 
+def print_and_write(text: str, path: str | None) -> None:
+    """A report script's markdown: printed, and written to `path` when given."""
+    print(text)
+    if path:
+        with open(path, "w") as f:
+            f.write(text)
+
+
 def median_interval(values: list[float], level: float = 0.90) -> tuple[float, float, float]:
     """(low, high, coverage): a distribution-free interval for the median of `values`.
 
