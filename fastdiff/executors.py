@@ -163,7 +163,6 @@ class TritonExecutor(TorchExecutor):
             thresh=thresh, out_scale=out_scale, noise=bool(self.noisy[r]), noise_counter=self.table.noise_counter(r),
         )
 
-
     def _next_model_in(self, r: int):
         """Where the kernel writes row r + 1's input: both halves before a guided row, else the [B] half."""
         b = self.bufs

@@ -57,13 +57,14 @@ class LoopBuffers:
         self.probes = torch.zeros((table.rows, len(PROBES)), dtype=torch.float64, device=device)  # per row, PROBES
         self.probe = [list(row.unbind()) for row in self.probes.unbind()]  # views [r][slot]: no indexing per call
         self.cond: dict | None = None  # the model's keyword arguments, static copies (load)
+        self.cond_cond: dict | None = None  # their conditional half: views of self.cond (load)
 
     def model_args(self, r: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(x, t, conditioning) of row r's model call: [2B] at a guided row, else the [B] conditional half."""
         if self.guided[r] or not self.cfg:
             return self.model_in, self.t[r], self.cond
         B = self.batch
-        return self.model_in_cond, self.t[r][B:], cond_half(self.cond, B)
+        return self.model_in_cond, self.t[r][B:], self.cond_cond
 
     def write_model_input(self, point: torch.Tensor, c_in: float, both: bool = True) -> None:
         """The next model input c_in * point; `both`=False writes the conditional half only (an
@@ -85,6 +86,7 @@ class LoopBuffers:
         if self.cfg:
             self.cfg_w.copy_(cfg_w)
         self.cond = conditioning.copy_into(self.cond, cond)  # nested; see fastdiff/conditioning.py
+        self.cond_cond = cond_half(self.cond, self.batch)  # once per load, not per unguided model call
         self.probes.zero_()
         self.write_model_input(self.x if self.point is None else self.point, c_in0)
 
@@ -152,7 +154,7 @@ class Loop:
         add_nonfinite_probe(b.probe[r][MODEL_OUTPUT], out)
         if self.classifier is not None:
             B = b.batch
-            grad = classifier_grad(self.classifier, b.model_in_cond, b.t[r][-B:], cond_half(b.cond, B))
+            grad = classifier_grad(self.classifier, b.model_in_cond, b.t[r][-B:], b.cond_cond)
             add_nonfinite_probe(b.probe[r][CLASSIFIER_GRADIENT], grad)
             out = classifier_guided(out, grad, self.classifier_scale, self.abar[r], self.executor.d_out[r])
         return out
