@@ -12,12 +12,16 @@ Every value is a pure function of (sample seed, step, stream, element index):
 The kernels (fastdiff.kernels.philox) draw the same bits, so CPU and GPU noise agree to
 the last ulp of log/cos/sin, and a sample's noise never depends on its batch.
 uint32 arithmetic is done in int64 tensors with masking; 32x32-bit products use the
-wrapping int64 multiply, whose low 64 bits are the unsigned product's.
+wrapping int64 multiply, whose low 64 bits are the unsigned product's. On the CPU, randn runs
+the same arithmetic in numpy uint64 lanes (`_normals_numpy`, ~2.5x faster: numpy's 64-bit
+multiply and shifts are cheaper than torch's, and reversed views pair the lanes for free);
+tests hold it bit-equal to the torch path, which every other device runs.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from .seeds import as_seeds
@@ -43,6 +47,10 @@ UNIFORM_SCALE = 4.6566127342e-10
 U1_MIN = 1.0e-7
 TWO_PI = 6.283185307179586
 _CHUNK = 2**20  # counters per vectorized batch in randn
+_CPU_CHUNK = 2**16  # at most this many on the CPU (numpy), where cache, not launches, sets the size
+# _normals_numpy's per-round constants, lanes (c0, c2) and keys (k0, k1)
+_ROUND_MULTIPLIERS = np.array([PHILOX_ROUND_A, PHILOX_ROUND_B], dtype=np.uint64)[:, None, None]
+_KEY_INCREMENTS = np.array([PHILOX_KEY_A, PHILOX_KEY_B], dtype=np.uint64)[:, None, None]
 
 
 def _mul_hi_lo(x: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,17 +141,75 @@ def randn(
     z = torch.empty(B, n4, 4, dtype=torch.float32, device=device)
     key0 = (s & MASK32)[:, None]  # [B, 1]
     key1 = (s >> 32)[:, None]
-    # chunks of ~2^20 counters bound the int64 temporaries (~8 MB each)
-    rows = max(1, _CHUNK // max(n4, 1))
-    cols = min(n4, _CHUNK)
+    if device.type == "cpu":
+        normals, key0, key1 = _normals_numpy, key0.numpy().astype(np.uint64), key1.numpy().astype(np.uint64)
+        chunk = min(_CHUNK, _CPU_CHUNK)
+    else:
+        normals, chunk = _normals_torch, _CHUNK
+    # chunks of counters bound the temporaries: 2^20 int64 (~8 MB each) per launch on a device,
+    # 2^16 uint64 pairs (1 MB each, cache-sized) on the CPU
+    rows = max(1, chunk // max(n4, 1))
+    cols = min(n4, chunk)
     for b0 in range(0, B, rows):
         for i0 in range(0, n4, cols):
-            c0 = torch.arange(i0, min(i0 + cols, n4), dtype=torch.int64, device=device)[None, :]
-            r = philox4x32(key0[b0:b0 + rows], key1[b0:b0 + rows], c0, int(step), int(stream), 0)
-            n0, n1 = box_muller(uint_to_uniform(r[0]), uint_to_uniform(r[1]))
-            n2, n3 = box_muller(uint_to_uniform(r[2]), uint_to_uniform(r[3]))
-            z[b0:b0 + rows, i0:i0 + cols] = torch.stack((n0, n1, n2, n3), dim=-1)
+            i1 = min(i0 + cols, n4)
+            normals(key0[b0:b0 + rows], key1[b0:b0 + rows], i0, i1, int(step), int(stream), z[b0:b0 + rows, i0:i1])
     return z.reshape(B, 4 * n4)[:, :numel].reshape(B, *shape).to(dtype)
+
+
+def _normals_torch(key0: torch.Tensor, key1: torch.Tensor, i0: int, i1: int, step: int, stream: int,
+                   out: torch.Tensor) -> None:
+    """out [b, i1 - i0, 4] = the normals of counters (i0..i1-1, step, stream, 0) under keys [b, 1]."""
+    c0 = torch.arange(i0, i1, dtype=torch.int64, device=out.device)[None, :]
+    r = philox4x32(key0, key1, c0, step, stream, 0)
+    n0, n1 = box_muller(uint_to_uniform(r[0]), uint_to_uniform(r[1]))
+    n2, n3 = box_muller(uint_to_uniform(r[2]), uint_to_uniform(r[3]))
+    out.copy_(torch.stack((n0, n1, n2, n3), dim=-1))
+
+
+def _normals_numpy(key0: np.ndarray, key1: np.ndarray, i0: int, i1: int, step: int, stream: int,
+                   out: torch.Tensor) -> None:
+    """_normals_torch's bits (keys uint64 [b, 1], out on the CPU) in numpy uint64 lanes.
+
+    philox4x32 holds the multiplied words (c0, c2) in X [2, b, n] and (c1, c3) in Y. A round is
+    one 64-bit multiply of both lanes, whose reversed view (a free negative stride) lines each
+    high half up with the word it is xor-ed with; Y is the last product itself, reversed, whose
+    low halves are the new (c1, c3) (the high halves are masked off after the xor). Then
+    uint_to_uniform and box_muller as there: log, cos and sin in torch float64 rounded to
+    float32 (_f32), and sqrt in float32, which numpy rounds correctly: equal to
+    _f32(torch.sqrt) (checked for every float32 in [0, 33], the range of -2 log(u) here).
+    """
+    mask = np.uint64(MASK32)
+    X = np.empty((2, key0.shape[0], i1 - i0), dtype=np.uint64)
+    X[0], X[1] = np.arange(i0, i1, dtype=np.uint64), stream
+    Y = np.array([step, 0], dtype=np.uint64)[:, None, None]
+    keys = np.stack((key0, key1))  # [2, b, 1]
+    products = (np.empty_like(X), np.empty_like(X))
+    for r in range(10):
+        p = np.multiply(X, _ROUND_MULTIPLIERS, out=products[r % 2])  # (c0 * A, c2 * B), exact
+        np.right_shift(p[::-1], np.uint64(32), out=X)  # (hi(c2 * B), hi(c0 * A))
+        X ^= Y
+        X &= mask
+        X ^= keys  # X = (c0, c2) of the next round
+        Y = p[::-1]  # (c1, c3) = (lo(c2 * B), lo(c0 * A)) in the low halves
+        keys = (keys + _KEY_INCREMENTS) & mask
+    u1 = np.maximum(_uniform_numpy(X), np.float32(U1_MIN))  # lanes of (u0, u2)
+    th = _uniform_numpy(Y) * np.float32(TWO_PI)  # lanes of (u1, u3), times 2 pi in float32
+    radius = _f32(torch.log, torch.from_numpy(u1)).numpy() * np.float32(-2.0)
+    radius = torch.from_numpy(np.sqrt(radius, out=radius))
+    th = torch.from_numpy(th).double()
+    lanes = out.permute(2, 0, 1)  # [4, b, n]: (n0, n1, n2, n3) = (r cos, r sin) of each pair
+    torch.mul(radius, th.cos().float(), out=lanes[0::2])
+    torch.mul(radius, th.sin_().float(), out=lanes[1::2])
+
+
+def _uniform_numpy(words: np.ndarray) -> np.ndarray:
+    """uint_to_uniform of the low 32 bits of uint64 words: bitcast to int32, x < 0 -> ~x."""
+    x = words.astype(np.uint32).view(np.int32)
+    x ^= x >> 31
+    u = x.astype(np.float32)
+    u *= np.float32(UNIFORM_SCALE)
+    return u
 
 
 def randint(seeds: Sequence[int] | torch.Tensor | int, step: int, stream: int, count: int, high: int, *,

@@ -189,6 +189,20 @@ def test_chunking_is_invisible(monkeypatch):
     assert torch.equal(rng.randn([4, 5, 6], 1, STREAM_STEP, (3, 37)), whole)
 
 
+def test_cpu_numpy_path_equals_torch_path():
+    """randn's CPU path (numpy uint64 lanes) gives the torch path's bits (which other devices run):
+    keys with high bits set, counters up to 2^32 - 1, any step and stream, odd sizes."""
+    g = torch.Generator().manual_seed(3)
+    seeds = torch.cat([torch.tensor(SEEDS), torch.randint(0, 2**63 - 1, (5,), generator=g)])
+    key0, key1 = (seeds & M32)[:, None], (seeds >> 32)[:, None]
+    for i0, i1, step, stream in [(0, 37, 0, STREAM_INIT), (1000, 1301, 2**32 - 1, 7), (M32 - 40, M32 + 1, 12345, 2**31)]:
+        want = torch.empty(len(seeds), i1 - i0, 4)
+        got = torch.full_like(want, float("nan"))
+        rng._normals_torch(key0, key1, i0, i1, step, stream, want)
+        rng._normals_numpy(key0.numpy().astype("uint64"), key1.numpy().astype("uint64"), i0, i1, step, stream, got)
+        assert torch.equal(got, want), (i0, step, stream)
+
+
 @pytest.mark.cuda
 def test_cuda_equals_cpu():
     seeds = torch.tensor(SEEDS)
