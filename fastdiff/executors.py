@@ -7,19 +7,33 @@ and per-sample values (guidance scale, seeds) from device buffers, so nothing sy
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from . import rng
 from .guidance import Thresholding, apply_threshold, cfg_combine, dynamic_threshold, per_sample, rescale_factor
 from .dtypes import MODEL_DTYPES
 from .rng import STREAM_STEP
-from .solvers.table import NCOL, Z, StepTable, history_slots
+from .solvers.table import D, D_RAW, NCOL, X, Z, StepTable, history_slots
 
 BACKENDS = ("auto", "torch", "triton")
 
 
 class TorchExecutor:
-    """x_next = state[r] . [x, D, D_raw, H0, H1, H2, z] in float32 torch ops."""
+    """x_next = state[r] . [x, D, D_raw, H0, H1, H2, z] in float32 torch ops.
+
+    Folded rows: where D is read by the update alone (no clipping or thresholding, so D = D_raw;
+    no push; no separate point), D is never formed. Substituting D = D_raw = d_point*x + d_out*o
+    (o the guided output) into the row gives the same affine map over [x, o, H..., z],
+
+        x_next = (s_x + (s_D + s_Draw)*d_point) x + (s_D + s_Draw)*d_out o + sum_k s_Hk H_k + s_z z,
+
+    whose coefficients are multiplied out once, in float64, on the host. The row is then one
+    in-place pass (x += b*o where a is 1 in float32, as for Euler) instead of D's two products,
+    its sum and the update's two passes. The result differs from the unfolded order by float32
+    rounding only (one rounding fewer: D is not rounded on its own); the fused kernel, which
+    evaluates the unfolded map in registers, is held to it at the same tolerances.
+    """
 
     def __init__(self, table: StepTable, bufs, threshold: Thresholding, guidance_rescale: float = 0.0):
         self.table, self.bufs, self.threshold, self.phi = table, bufs, threshold, guidance_rescale
@@ -29,9 +43,12 @@ class TorchExecutor:
         self.layout = history_slots(table)
         self.push_row = table.push_row.tolist() if table.push_row is not None else None
         self.noisy = table.uses_noise().tolist()
-        # per row, on the host: the nonzero (column, coefficient) terms of each affine row, and
+        # per row, on the host: whether it is folded (see above; its terms then read the guided
+        # output in column D), the nonzero (column, coefficient) terms of each affine row, and
         # whether D goes straight into the slot it is pushed to (this row reads no value held there)
-        self.state_terms = [_nonzero(row) for row in self.state]
+        self.folded = [threshold.plain and self.point is None and dest is None for _, dest in self.layout]
+        self.state_terms = [_folded(row, dp, do) if fold else _nonzero(row)
+                            for row, dp, do, fold in zip(self.state, self.d_point, self.d_out, self.folded)]
         self.point_terms = [_nonzero(row) for row in self.point] if self.point is not None else None
         self.push_terms = [_nonzero(row) for row in self.push_row] if self.push_row is not None else None
         self.direct = [dest is not None and self.push_row is None and dest not in slots and threshold.plain
@@ -67,7 +84,10 @@ class TorchExecutor:
         p = b.point if self.point is not None else b.x
         slots, dest = self.layout[r]
         direct = self.direct[r]
-        D, D_raw = self.denoised(r, p, out, into=b.history[dest] if direct else None)
+        if self.folded[r]:
+            D, D_raw = self.guided(r, out), None  # column D: o, its coefficient holds d_out
+        else:
+            D, D_raw = self.denoised(r, p, out, into=b.history[dest] if direct else None)
         values = [b.x, D, D_raw] + [b.history[s] for s in slots] + [None] * (3 - len(slots)) + [None]
         if self.noisy[r]:
             values[Z] = rng.randn(b.seeds, self.table.noise_counter(r), STREAM_STEP, b.x.shape[1:], device=b.x.device)
@@ -86,6 +106,20 @@ class TorchExecutor:
 def _nonzero(coefs: list[float]) -> list[tuple[int, float]]:
     """An affine row's (column, coefficient) terms with a nonzero coefficient, in column order."""
     return [(i, c) for i, c in enumerate(coefs) if c != 0.0]
+
+
+def _folded(coefs: list[float], d_point: float, d_out: float) -> list[tuple[int, float]]:
+    """A row's terms with D = D_raw = d_point*x + d_out*o substituted: o's coefficient in column D."""
+    row = list(coefs)
+    d = row[D] + row[D_RAW]
+    row[X] += d * d_point
+    row[D], row[D_RAW] = d * d_out, 0.0
+    return _nonzero(row)
+
+
+def _is_one(c: float) -> bool:
+    """c is 1 in float32, the precision torch multiplies a float32 tensor by a Python float in."""
+    return float(np.float32(c)) == 1.0
 
 
 def _value(values: list, i: int) -> torch.Tensor:
@@ -114,7 +148,7 @@ def _affine_into(dest: torch.Tensor, terms: list[tuple[int, float]], values: lis
     v = _value(values, i)
     if v is not dest:
         torch.mul(v, c, out=dest)
-    elif c != 1.0:
+    elif not _is_one(c):
         dest.mul_(c)
     for i, c in rest:
         dest.add_(_value(values, i), alpha=c)
