@@ -196,11 +196,11 @@ def _normals_numpy(key0: np.ndarray, key1: np.ndarray, i0: int, i1: int, step: i
     u1 = np.maximum(_uniform_numpy(X), np.float32(U1_MIN))  # lanes of (u0, u2)
     th = _uniform_numpy(Y) * np.float32(TWO_PI)  # lanes of (u1, u3), times 2 pi in float32
     radius = _f32(torch.log, torch.from_numpy(u1)).numpy() * np.float32(-2.0)
-    radius = torch.from_numpy(np.sqrt(radius, out=radius))
+    np.sqrt(radius, out=radius)
     th = torch.from_numpy(th).double()
-    lanes = out.permute(2, 0, 1)  # [4, b, n]: (n0, n1, n2, n3) = (r cos, r sin) of each pair
-    torch.mul(radius, th.cos().float(), out=lanes[0::2])
-    torch.mul(radius, th.sin_().float(), out=lanes[1::2])
+    lanes = out.numpy().transpose(2, 0, 1)  # [4, b, n]: (n0, n1, n2, n3) = (r cos, r sin) of each pair
+    np.multiply(radius, th.cos().float().numpy(), out=lanes[0::2])
+    np.multiply(radius, th.sin_().float().numpy(), out=lanes[1::2])
 
 
 def _uniform_numpy(words: np.ndarray) -> np.ndarray:
