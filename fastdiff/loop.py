@@ -70,7 +70,9 @@ class LoopBuffers:
         """The next model input c_in * point; `both`=False writes the conditional half only (an
         unguided row next). The product is formed once, in the conditional half, and copied."""
         cond = self.model_in_cond
-        if cond.dtype == point.dtype:
+        if c_in == 1.0:  # flow and VP units: a copy (faster than a multiply by 1, the same values)
+            cond.copy_(point)
+        elif cond.dtype == point.dtype:
             torch.mul(point, c_in, out=cond)
         else:
             cond.copy_(point * c_in)
