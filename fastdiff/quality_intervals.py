@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from . import results_tables
 from .evaluate import Judge, frechet_distance
 from .solver_error import class_samples, make_sampler, steps_for_nfe
 
@@ -173,26 +174,27 @@ def quality(loaded, judge: Judge, specs: list[str], *, guidance_scale: float, nu
 
 
 def write_markdown(cells: list[QualityCell], path: Path, header: dict, floor: list[float], base: str | None) -> None:
-    lines = ["# Sample quality on the digits with its noise: classifier accuracy and Fréchet distance", ""]
-    lines += [f"- {k}: {v}" for k, v in header.items()]
-    lines += [f"- real digits, {len(floor)} disjoint draws of the same n: FD " + ", ".join(f"{v:.1f}" for v in floor)
-              + f" (the floor at this n; their spread is the spread between seed sets of a perfect sampler)",
-              f"- intervals from {BOOTSTRAP} bootstrap resamples of the samples (the same indices in every cell, so "
-              "cells are compared pairwise): FD +- 1.96 bootstrap standard deviations; FD ratio times exp(+-1.96 sd of "
-              "its log); accuracy: 2.5-97.5 percentiles", ""]
-    ratio_head = f" | FD / FD({base}) (95% paired)" if base else ""
-    lines += [f"| cell | NFE | steps | accuracy (95%) | FD (95%){ratio_head} | seconds |",
-              "|---|---:|---:|---|---|" + ("---|" if base else "") + "---:|"]
+    notes = [f"real digits, {len(floor)} disjoint draws of the same n: FD " + ", ".join(f"{v:.1f}" for v in floor)
+             + " (the floor at this n; their spread is the spread between seed sets of a perfect sampler)",
+             f"intervals from {BOOTSTRAP} bootstrap resamples of the samples (the same indices in every cell, so "
+             "cells are compared pairwise): FD +- 1.96 bootstrap standard deviations; FD ratio times exp(+-1.96 sd of "
+             "its log); accuracy: 2.5-97.5 percentiles"]
+    lines = [*results_tables.header_lines("Sample quality on the digits with its noise: classifier accuracy and "
+                                          "Fréchet distance", header, notes), ""]
+    ratio_column = [f"FD / FD({base}) (95% paired)"] if base else []
+    rows = []
     for c in cells:
-        ratio = ""
+        ratio = []
         if base:
-            ratio = f" | {c.ratio_to_base[0]:.3f} ({c.ratio_to_base[1]:.3f}-{c.ratio_to_base[2]:.3f})" \
-                if c.ratio_to_base else " | "
-        lines.append(f"| {c.name} | {c.nfe} | {c.steps} | {c.accuracy:.3f} ({c.accuracy_interval[0]:.3f}-"
-                     f"{c.accuracy_interval[1]:.3f}) | {c.fd:.1f} ({c.fd_interval[0]:.1f}-{c.fd_interval[1]:.1f})"
-                     f"{ratio} | {c.seconds:.0f} |")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+            ratio = [f"{c.ratio_to_base[0]:.3f} ({c.ratio_to_base[1]:.3f}-{c.ratio_to_base[2]:.3f})"
+                     if c.ratio_to_base else ""]
+        rows.append([c.name, f"{c.nfe}", f"{c.steps}",
+                     f"{c.accuracy:.3f} ({c.accuracy_interval[0]:.3f}-{c.accuracy_interval[1]:.3f})",
+                     f"{c.fd:.1f} ({c.fd_interval[0]:.1f}-{c.fd_interval[1]:.1f})", *ratio, f"{c.seconds:.0f}"])
+    lines += results_tables.pipe_table(
+        ["cell", "NFE", "steps", "accuracy (95%)", "FD (95%)", *ratio_column, "seconds"], rows,
+        align="lrrll" + "l" * len(ratio_column) + "r")
+    results_tables.write(path, lines)
 
 
 def main(args: argparse.Namespace) -> int:

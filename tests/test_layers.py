@@ -18,7 +18,7 @@ LAYERS = [
              "solver_error", "quality_intervals"}),
     # what the commands share (options, class conditioning, output files) and the library loops they call
     ("front", {"__init__", "integrations", "bench", "bench_cases", "kernel_compile", "distributed", "bulk",
-               "command_options", "class_conditioning", "output_files"}),
+               "command_options", "class_conditioning", "output_files", "results_tables"}),
     # accelerate(pipe) (integrations.pipelines) picks a family; each family builds on what they all share,
     # which builds on the scheduler adapter
     ("pipeline families", {"integrations.pipelines.unconditional", "integrations.pipelines.stable_diffusion",
