@@ -2,7 +2,9 @@
 (`fastdiff.evaluate`'s Judge and frechet_distance) with bootstrap intervals over samples.
 
 A cell is a solver at a budget of model evaluations, on its default grid unless the cell names
-one, optionally with sampler options (`dpmpp_2m@20+sigmas=karras+guidance_rescale=0.7`). Every cell draws the same seeds with
+one, optionally with sampler options (`dpmpp_2m@20+sigmas=karras+guidance_rescale=0.7`) and
+another model than --model (`dpmpp_2m@20+model=runs/digits/online.safetensors`: models compared
+on the same seeds and labels, judged by the same classifier). Every cell draws the same seeds with
 the same labels (seed i gets class i % num_classes), so cells are paired sample by sample:
 
   interval   FD +- 1.96 standard deviations of the FD over bootstrap resamples of the cell's
@@ -35,7 +37,7 @@ from .solver_error import class_samples, make_sampler, steps_for_nfe
 
 BOOTSTRAP = 200
 # Sampler options a cell may set, with their types (the rest of a cell is solver@nfe)
-CELL_OPTIONS = {"sigmas": str, "spacing": str, "guidance_rescale": float, "thresholding": lambda v: v in ("1", "true", "True"),
+CELL_OPTIONS = {"model": str, "sigmas": str, "spacing": str, "guidance_rescale": float, "thresholding": lambda v: v in ("1", "true", "True"),
                 "dynamic_thresholding_ratio": float, "sample_max_value": float}
 
 
@@ -118,7 +120,8 @@ def bootstrap(features: dict[str, torch.Tensor], correct: dict[str, torch.Tensor
 
 
 def cache_path(cache: Path, spec: str, guidance_scale: float, n: int) -> Path:
-    return cache / f"{spec.replace('@', '_at_').replace('+', '_').replace('=', '-')}-w{guidance_scale:g}-n{n}.safetensors"
+    name = spec.replace("@", "_at_").replace("+", "_").replace("=", "-").replace("/", "_")
+    return cache / f"{name}-w{guidance_scale:g}-n{n}.safetensors"
 
 
 def draw_cell(loaded, judge: Judge, spec: str, guidance_scale: float, n: int, batch: int, device,
@@ -132,6 +135,10 @@ def draw_cell(loaded, judge: Judge, spec: str, guidance_scale: float, n: int, ba
         d = load_file(path)
         return d["features"], d["correct"].bool(), int(d["nfe"]), int(d["steps"]), float(d["seconds"])
     start = time.perf_counter()
+    if "model" in options:
+        from .models.pretrained import load_pretrained
+
+        loaded = load_pretrained(options.pop("model"), device=device)
     sampler = make_sampler(loaded, solver, steps_for_nfe(solver, nfe), None, device, **options)
     labels = torch.arange(n) % loaded.num_classes
     images = class_samples(loaded, sampler, labels, list(range(n)), guidance_scale, batch)
@@ -211,7 +218,7 @@ def main(args: argparse.Namespace) -> int:
     judge = Judge(device)
     start = time.perf_counter()
     cells = quality(loaded, judge, specs, guidance_scale=args.guidance_scale, num_samples=args.num_samples,
-                    batch=args.batch, base=args.base, device=device, cache=Path(args.cache) if args.cache else None,
+                    batch=args.batch, base=args.base, device=device, cache=Path(args.cache) / Path(args.model).stem if args.cache else None,  # a folder per --model
                     log=lambda line: print(line, flush=True))
     floor = real_floor(judge, args.num_samples)
     device_name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)" \
@@ -239,7 +246,7 @@ if __name__ == "__main__":
     parser.add_argument("--guidance-scale", type=float, default=1.0)
     parser.add_argument("--num-samples", type=int, default=180)
     parser.add_argument("--batch", type=int, default=60)
-    parser.add_argument("--cache", default=None, help="folder for each cell's features (a rerun skips drawn cells)")
+    parser.add_argument("--cache", default=None, help="folder for each cell's features, in a subfolder per --model (a rerun skips drawn cells)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--device", default="cpu")
     raise SystemExit(main(parser.parse_args()))
