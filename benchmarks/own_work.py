@@ -8,16 +8,18 @@ FlowMatchEulerDiscreteScheduler, shift 3).
 Per case, whole loops alternate (order rotated every round) so a shared machine's drift hits
 both alike; reported: medians with a distribution-free interval, and the median of the
 per-round ratios fastdiff / diffusers with its interval. Part of fastdiff's own work is the
-initial noise, drawn per seed by counter-based Philox in torch int64 ops (identical across
-batches, devices and the fused kernel); diffusers' loop draws torch.randn: the last row times
-the two draws alone.
+initial noise, drawn per seed by counter-based Philox (identical across batches, devices and
+the fused kernel; numpy uint64 lanes on the CPU); diffusers' loop draws torch.randn: a line
+times the two draws alone. The last table splits the flow loop's own work: the same loop
+with the non-finite probes stubbed out, with torch.randn in place of the Philox noise, and
+both (comparisons, not code paths: the library always probes and always draws Philox).
 """
 import os
 import sys
 
 import torch
 
-from fastdiff import bench, bench_cases, rng
+from fastdiff import bench, bench_cases, loop, rng
 from fastdiff.results_tables import pipe_table
 
 
@@ -54,8 +56,34 @@ def main(rounds: str = "41", out: str | None = None) -> None:
     med = {name: t.median * 1e3 for name, t in bench.measure(fns, "cpu", rounds=rounds, warmup=1,
                                                                  min_round_s=0).items()}
     lines += ["", f"Initial noise alone, {lm.batch} x {'x'.join(map(str, lm.sample_shape))}: fastdiff's rng.randn "
-              f"{med['fastdiff']:.2f} ms, torch.randn {med['diffusers']:.2f} ms (medians)."]
+              f"{med['fastdiff']:.2f} ms, torch.randn {med['diffusers']:.2f} ms (medians).", ""]
+    lines += pipe_table(["flow loop", "median"],
+                        [[name, f"{t.median * 1e3:.2f} ms"] for name, t in flow_breakdown(lm, rounds).items()])
     bench.print_and_write("\n".join(lines) + "\n", out)
+
+
+def flow_breakdown(lm, rounds: int) -> dict:
+    """The flow loop as it is, without its non-finite probes, with torch.randn noise, with
+    neither, and diffusers' loop, alternated as above."""
+    run, probe, randn = bench_cases.fastdiff_loop(lm, "cpu")[1], loop.add_nonfinite_probe, rng.randn
+
+    def torch_noise(seeds, step, stream, shape, device=None, dtype=torch.float32):
+        return torch.randn(len(seeds), *shape, dtype=dtype)
+
+    def variant(probes: bool, philox: bool):
+        def call():
+            loop.add_nonfinite_probe = probe if probes else (lambda slot, t: None)
+            rng.randn = randn if philox else torch_noise
+            try:
+                return run()
+            finally:
+                loop.add_nonfinite_probe, rng.randn = probe, randn
+        return call
+
+    fns = {"fastdiff": variant(True, True), "without the probes": variant(False, True),
+           "with torch.randn noise": variant(True, False), "with neither": variant(False, False),
+           "diffusers": bench_cases.diffusers_loop(lm, "cpu")}
+    return bench.measure(fns, "cpu", rounds=rounds, warmup=1, min_round_s=0)
 
 
 if __name__ == "__main__":
