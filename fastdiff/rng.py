@@ -13,7 +13,7 @@ The kernels (fastdiff.kernels.philox) draw the same bits, so CPU and GPU noise a
 the last ulp of log/cos/sin, and a sample's noise never depends on its batch.
 uint32 arithmetic is done in int64 tensors with masking; 32x32-bit products use the
 wrapping int64 multiply, whose low 64 bits are the unsigned product's. On the CPU, randn runs
-the same arithmetic in numpy uint64 lanes (`_normals_numpy`, ~2.5x faster: numpy's 64-bit
+the same arithmetic in numpy uint64 lanes (`_normals_numpy`, 2-2.5x faster: numpy's 64-bit
 multiply and shifts are cheaper than torch's, and reversed views pair the lanes for free);
 tests hold it bit-equal to the torch path, which every other device runs.
 """

@@ -195,7 +195,8 @@ def test_cpu_numpy_path_equals_torch_path():
     g = torch.Generator().manual_seed(3)
     seeds = torch.cat([torch.tensor(SEEDS), torch.randint(0, 2**63 - 1, (5,), generator=g)])
     key0, key1 = (seeds & M32)[:, None], (seeds >> 32)[:, None]
-    for i0, i1, step, stream in [(0, 37, 0, STREAM_INIT), (1000, 1301, 2**32 - 1, 7), (M32 - 40, M32 + 1, 12345, 2**31)]:
+    cases = [(0, 37, 0, STREAM_INIT), (1000, 1301, 2**32 - 1, 7), (M32 - 40, M32 + 1, 12345, 2**31)]
+    for i0, i1, step, stream in cases:
         want = torch.empty(len(seeds), i1 - i0, 4)
         got = torch.full_like(want, float("nan"))
         rng._normals_torch(key0, key1, i0, i1, step, stream, want)
