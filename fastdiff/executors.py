@@ -13,13 +13,13 @@ from . import rng
 from .guidance import Thresholding, apply_threshold, cfg_combine, dynamic_threshold, per_sample, rescale_factor
 from .dtypes import MODEL_DTYPES
 from .rng import STREAM_STEP
-from .solvers.table import NCOL, Z, StepTable, history_slots
+from .solvers.table import MAX_HISTORY, NCOL, P, X, Z, StepTable, history_slots
 
 BACKENDS = ("auto", "torch", "triton")
 
 
 class TorchExecutor:
-    """x_next = state[r] . [x, D, D_raw, H0, H1, H2, z] in float32 torch ops."""
+    """x_next = state[r] . [x, P, D, D_raw, H0, H1, H2, z] in float32 torch ops."""
 
     def __init__(self, table: StepTable, bufs, threshold: Thresholding, guidance_rescale: float = 0.0):
         self.table, self.bufs, self.threshold, self.phi = table, bufs, threshold, guidance_rescale
@@ -29,11 +29,16 @@ class TorchExecutor:
         self.layout = history_slots(table)
         self.push_row = table.push_row.tolist() if table.push_row is not None else None
         self.noisy = table.uses_noise().tolist()
-        # per row, on the host: the nonzero (column, coefficient) terms of each affine row, and
-        # whether D goes straight into the slot it is pushed to (this row reads no value held there)
-        self.state_terms = [_nonzero(row) for row in self.state]
+        # per row, on the host: the nonzero (column, coefficient) terms of each affine row
+        # (P is x without separate points: its coefficient joins x's), whether a row reads the point
+        # it also writes, and whether D goes straight into the slot it is pushed to (this row reads
+        # no value held there)
+        own = (lambda row: row) if self.point is not None else _point_into_x  # noqa: E731
+        self.state_terms = [_nonzero(own(row)) for row in self.state]
         self.point_terms = [_nonzero(row) for row in self.point] if self.point is not None else None
-        self.push_terms = [_nonzero(row) for row in self.push_row] if self.push_row is not None else None
+        self.push_terms = [_nonzero(own(row)) for row in self.push_row] if self.push_row is not None else None
+        self.reads_point = ([row[P] != 0 or prow[P] != 0 for row, prow in zip(self.state, self.point)]
+                            if self.point is not None else [False] * table.rows)
         self.direct = [dest is not None and self.push_row is None and dest not in slots and threshold.plain
                        for slots, dest in self.layout]
 
@@ -68,19 +73,33 @@ class TorchExecutor:
         slots, dest = self.layout[r]
         direct = self.direct[r]
         D, D_raw = self.denoised(r, p, out, into=b.history[dest] if direct else None)
-        values = [b.x, D, D_raw] + [b.history[s] for s in slots] + [None] * (3 - len(slots)) + [None]
+        values = [b.x, p, D, D_raw] + [b.history[s] for s in slots] + [None] * (MAX_HISTORY - len(slots)) + [None]
         if self.noisy[r]:
             values[Z] = rng.randn(b.seeds, self.table.noise_counter(r), STREAM_STEP, b.x.shape[1:], device=b.x.device)
         push = None
         if dest is not None and not direct:
             push = D if self.push_terms is None else _affine(self.push_terms[r], values)
+        new_point = None
         if self.point_terms is not None:
-            _affine_into(b.point, self.point_terms[r], values)  # the values hold no view of the point
+            if self.reads_point[r]:  # P is read here: the new point goes in once x is written
+                new_point = _affine(self.point_terms[r], values)
+            else:
+                _affine_into(b.point, self.point_terms[r], values)  # no term reads the point
         _affine_into(b.x, self.state_terms[r], values)
+        if new_point is not None:
+            b.point.copy_(new_point)
         if push is not None:
             b.history[dest].copy_(push)
         if r + 1 < self.table.rows:
             b.write_model_input(p, self.c_in[r + 1], both=b.guided[r + 1])
+
+
+def _point_into_x(coefs: list[float]) -> list[float]:
+    """An affine row with its P coefficient added to x's (P is x when the table has no points)."""
+    folded = list(coefs)
+    folded[X] += folded[P]
+    folded[P] = 0.0
+    return folded
 
 
 def _nonzero(coefs: list[float]) -> list[tuple[int, float]]:
