@@ -18,6 +18,7 @@ import sys
 import torch
 
 from fastdiff import bench, bench_cases, rng
+from fastdiff.results_tables import pipe_table
 
 
 def measure_case(lm, rounds: int) -> dict:
@@ -31,9 +32,8 @@ def main(rounds: str = "41", out: str | None = None) -> None:
     rounds = int(rounds)
     info = bench.machine_summary("cpu")
     lines = [f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores at the start; torch {info['torch']}, "
-             f"diffusers {info['diffusers']}, {info['torch_threads']} torch thread(s), {rounds} rounds", "",
-             "| case | fastdiff (interval) | diffusers (interval) | fastdiff / diffusers (interval, coverage) |",
-             "|---|---|---|---|"]
+             f"diffusers {info['diffusers']}, {info['torch_threads']} torch thread(s), {rounds} rounds", ""]
+    rows = []
     for lm in (bench_cases.without_model(bench_cases.digits_model("cpu")), bench_cases.flow_model("cpu")):
         res = measure_case(lm, rounds)
 
@@ -43,8 +43,10 @@ def main(rounds: str = "41", out: str | None = None) -> None:
             return f"{sorted(s)[len(s) // 2] * 1e3:.2f} ms ({lo * 1e3:.2f}-{hi * 1e3:.2f})"
 
         r = res["ratio"]
-        lines.append(f"| {lm.name} | {cell('fastdiff')} | {cell('diffusers')} | {r['median']:.3f} "
-                     f"({r['ci'][0]:.3f}-{r['ci'][1]:.3f}, {r['ci_coverage']:.0%}) |")
+        rows.append([lm.name, cell("fastdiff"), cell("diffusers"),
+                     f"{r['median']:.3f} ({r['ci'][0]:.3f}-{r['ci'][1]:.3f}, {r['ci_coverage']:.0%})"])
+    lines += pipe_table(["case", "fastdiff (interval)", "diffusers (interval)",
+                         "fastdiff / diffusers (interval, coverage)"], rows)
     lm = bench_cases.flow_model("cpu")
     shape, seeds = (lm.batch, *lm.sample_shape), list(range(lm.batch))
     fns = {"fastdiff": lambda: rng.randn(seeds, 0, rng.STREAM_INIT, lm.sample_shape),

@@ -16,6 +16,7 @@ import time
 import torch
 
 from fastdiff import bench, bench_cases, loop
+from fastdiff.results_tables import pipe_table
 
 
 def run_without_sample_probe(self, progress=None):
@@ -46,9 +47,8 @@ def main(out=None):
              f"{torch.__version__}, {torch.get_num_threads()} thread(s); digits model, batch {lm.batch}, "
              f"{lm.steps} {lm.solver} steps, CFG; medians of interleaved whole sample() calls; load average "
              f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the start (a shared machine: compare the "
-             "columns, not the absolute times).", "",
-             "| model | with probe (ms) | without (ms) | difference | probe alone x rows (ms) |",
-             "|---|---|---|---|---|"]
+             "columns, not the absolute times).", ""]
+    rows = []
     for case, rounds in ((lm, 8), (bench_cases.without_model(lm), 200)):
         sampler, run = bench_cases.fastdiff_loop(case, "cpu")
         run()  # warm-up
@@ -59,8 +59,9 @@ def main(out=None):
         for _ in range(reps):
             loop.add_nonfinite_probe(probe, x)
         alone = (time.perf_counter() - start) / reps * sampler.table.rows
-        lines.append(f"| {case.name} | {on * 1e3:.3f} | {off * 1e3:.3f} | {(on - off) / off:+.1%} | "
-                     f"{alone * 1e3:.3f} ({alone / off:.3%}) |")
+        rows.append([case.name, f"{on * 1e3:.3f}", f"{off * 1e3:.3f}", f"{(on - off) / off:+.1%}",
+                     f"{alone * 1e3:.3f} ({alone / off:.3%})"])
+    lines += pipe_table(["model", "with probe (ms)", "without (ms)", "difference", "probe alone x rows (ms)"], rows)
     bench.print_and_write("\n".join(lines) + "\n", out)
 
 

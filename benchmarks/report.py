@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from fastdiff.bench import fmt_time, paired_ratio, verdict
+from fastdiff.results_tables import header_lines, pipe_table
 
 SCHEMA = "fastdiff-bench/1"
 FUSED = "fastdiff-triton-graph"
@@ -237,11 +238,6 @@ def fmt(v, spec: str = ".3g", suffix: str = "") -> str:
     return "-" if v is None else f"{v:{spec}}{suffix}"
 
 
-def table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
-            *("| " + " | ".join(r) + " |" for r in rows)]
-
-
 def target_rows(results: dict) -> list[list[str]]:
     rows = []
     for t in results["targets"]:
@@ -260,14 +256,14 @@ def markdown(results: dict, png_name: str | None) -> str:
     hw = m.get("gpu") or m.get("cpu_brand") or m.get("cpu")
     gpu = f" ({m.get('gpu_memory_GiB')} GiB, CUDA {m.get('cuda')})" if m.get("gpu") else ""
     commit = f"; commit {results['commit'][:10]}" if results.get("commit") else ""
-    lines = [f"# fastdiff benchmarks: {results['device_name']}, {results['date']}", "",
-             f"- machine: {hw}{gpu}; CPU {m.get('cpu_brand') or m.get('cpu')}, {m.get('cpu_count')} cores seen, "
-             f"{m.get('torch_threads')} torch threads; {m.get('platform')}",
-             f"- versions: python {v['python']}, torch {v['torch']}, triton {v['triton']}, "
-             f"diffusers {v['diffusers']}{commit}",
-             f"- command: `{results['command']}` ({fmt(results.get('elapsed_s'), '.0f')} s)",
-             (f"- copy bandwidth: {fmt(copy['GBps'], '.1f')} GB/s (read + written, "
-              f"{copy['bytes_per_copy'] >> 20} MiB copy)") if copy else "- copy bandwidth: not measured in this run"]
+    lines = header_lines(f"fastdiff benchmarks: {results['device_name']}, {results['date']}", {
+        "machine": f"{hw}{gpu}; CPU {m.get('cpu_brand') or m.get('cpu')}, {m.get('cpu_count')} cores seen, "
+                   f"{m.get('torch_threads')} torch threads; {m.get('platform')}",
+        "versions": f"python {v['python']}, torch {v['torch']}, triton {v['triton']}, "
+                    f"diffusers {v['diffusers']}{commit}",
+        "command": f"`{results['command']}` ({fmt(results.get('elapsed_s'), '.0f')} s)",
+        "copy bandwidth": (f"{fmt(copy['GBps'], '.1f')} GB/s (read + written, {copy['bytes_per_copy'] >> 20} MiB copy)"
+                           if copy else "not measured in this run")})
     if results.get("quick"):
         lines += ["", "**--bench-quick: tiny sizes and few rounds; these numbers are not measurements.**"]
     if results["device"] != "cuda":
@@ -276,7 +272,7 @@ def markdown(results: dict, png_name: str | None) -> str:
                        "backend and diffusers; torch.compile runs for the digits model (the eager loop over "
                        "the compiled U-Net).")]
     lines += ["", "## Targets (reported, not asserted)", "",
-              *table(["target", "goal", "measured", "met", "note"], target_rows(results))]
+              *pipe_table(["target", "goal", "measured", "met", "note"], target_rows(results))]
     loops = [c for c in results["cases"] if c.get("kind") == "loop"]
     if loops:
         lines += ["", "## Whole sampling loops", "",
@@ -288,7 +284,7 @@ def markdown(results: dict, png_name: str | None) -> str:
                          c["impl"], f"{fmt_time(c['median_s'])} ({fmt_time(c['iqr_s'])})", fmt(c["it_per_s"], ".1f"),
                          fmt(c.get("ratio_to_limit"), ".3f") + LIMIT_NOTE.get(c.get("limit"), ""),
                          fmt(c.get("speedup_over_diffusers"), ".2f", "x")])
-        lines += table(["case", "solver / diffusers", "steps", "CFG", "impl", "median (IQR)", "it/s", "÷ limit",
+        lines += pipe_table(["case", "solver / diffusers", "steps", "CFG", "impl", "median (IQR)", "it/s", "÷ limit",
                         "vs diffusers"], rows)
         models = [c for c in results["cases"] if c.get("kind") == "model"]
         lines += ["", "Model alone: " + "; ".join(
@@ -299,12 +295,12 @@ def markdown(results: dict, png_name: str | None) -> str:
                    "round, so background load hits all alike. A ratio is the median of its per-round "
                    "ratios, with a distribution-free interval for that median (its coverage given). The "
                    "-noop rows replace the model by a no-op: each sampler's own work per loop."), ""]
-        lines += table(["ratio", "median", "interval (coverage)"],
+        lines += pipe_table(["ratio", "median", "interval (coverage)"],
                        [[f"{SIDE_BY_SIDE_PAIRS[k][0]} / {SIDE_BY_SIDE_PAIRS[k][1]}", f"{p['median']:.3f}",
                          f"{p['ci'][0]:.3f}-{p['ci'][1]:.3f} ({100 * p['ci_coverage']:.0f}%)"]
                         for k, p in c["paired"].items()])
         lines += [""]
-        lines += table(["impl", "median (IQR)", "min"],
+        lines += pipe_table(["impl", "median (IQR)", "min"],
                        [[impl, f"{fmt_time(st['median_s'])} ({fmt_time(st['iqr_s'])})", fmt_time(st["min_s"])]
                         for impl, st in c["by_impl"].items()])
     pipelines = [c for c in results["cases"] if c.get("kind") == "pipeline_side_by_side"]
@@ -314,7 +310,7 @@ def markdown(results: dict, png_name: str | None) -> str:
                    "ratios original / accelerated, with a distribution-free interval (its coverage given). "
                    "Everything outside the loop is the pipeline's own in both. First call: accelerate's "
                    "includes building its sampler (on CUDA the graph warm-up and capture)."), ""]
-        lines += table(["pipeline", "scheduler, steps, batch", "original", "accelerated", "speedup (interval)",
+        lines += pipe_table(["pipeline", "scheduler, steps, batch", "original", "accelerated", "speedup (interval)",
                         "first call (original / accelerated)"],
                        [[c["pipeline"], f"{c['scheduler']}, {c['steps']}, {c['batch']}{' CFG' if c['cfg'] else ''}",
                          fmt_time(c["by_impl"]["diffusers"]["median_s"]),
@@ -330,7 +326,7 @@ def markdown(results: dict, png_name: str | None) -> str:
                    "warm-up run, plus compilation with compile=True, then the capture). Compile: warm-up "
                    "(first call on the CPU) with compile minus the same without. Compilation reuses "
                    "torch's on-disk caches when an earlier run left them."), ""]
-        lines += table(["case", "impl", "first call", "graph warm-up", "graph capture", "compile"],
+        lines += pipe_table(["case", "impl", "first call", "graph warm-up", "graph capture", "compile"],
                        [[o["case"], o["impl"], fmt_time(o["first_call_s"]), fmt_time(o.get("warmup_s")),
                          fmt_time(o.get("capture_s")), fmt_time(o.get("compile_s"))] for o in results["one_time"]])
     steps = [c for c in results["cases"] if c.get("kind") == "step"]
@@ -343,7 +339,7 @@ def markdown(results: dict, png_name: str | None) -> str:
                  fmt(c["GBps"], ".3g"), fmt(c["fraction_of_copy"] and 100 * c["fraction_of_copy"], ".1f", "%"),
                  fmt(c["speedup_over_diffusers"], ".2f", "x")]
                 for c in sorted(steps, key=lambda c: (c["tensor_MiB"], c["shape"], c["cfg"], c["solver"], c["impl"]))]
-        lines += table(["shape", "CFG", "solver", "impl", "dtype", "median (IQR)", "MiB moved", "GB/s", "of copy",
+        lines += pipe_table(["shape", "CFG", "solver", "impl", "dtype", "median (IQR)", "MiB moved", "GB/s", "of copy",
                         "vs diffusers"], rows)
     if png_name:
         lines += ["", f"![speedup over diffusers and fraction of the limit]({png_name})"]

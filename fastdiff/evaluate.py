@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from . import nll_eval, solver_error
+from . import nll_eval, results_tables, solver_error
 from .solver_error import steps_for_nfe
 
 SOLVERS = ("ddpm", "ddim", "euler", "heun", "dpmpp_2m", "unipc", "euler_ancestral", "dpmpp_2m_sde")
@@ -143,26 +143,22 @@ def evaluate(loaded, judge: Judge, cells: list[tuple], *, num_samples: int, batc
 def write_markdown(results: list[Cell], path: Path, header: dict, floor: tuple[float, float]) -> None:
     solvers = list(dict.fromkeys(c.label for c in results))
     nfes = sorted({c.budget for c in results})
-    by = {(c.label, c.budget): c for c in results}
-    lines = ["# Sample quality on the digits: classifier accuracy and Fréchet distance vs model evaluations", ""]
-    lines += [f"- {k}: {v}" for k, v in header.items()]
-    lines += [(f"- real digits ({header['samples per cell']} drawn at random): accuracy {floor[0]:.3f}, "
-               f"FD {floor[1]:.3f} (the floor at this sample count)"), ""]
+    floor_note = (f"real digits ({header['samples per cell']} drawn at random): accuracy {floor[0]:.3f}, "
+                  f"FD {floor[1]:.3f} (the floor at this sample count)")
+    lines = [*results_tables.header_lines("Sample quality on the digits: classifier accuracy and Fréchet distance "
+                                          "vs model evaluations", header, [floor_note]), ""]
     for title, fmt in (("Classifier accuracy (higher is better)", lambda c: f"{c.accuracy:.3f}"),
                        ("Fréchet distance on classifier features (lower is better)", lambda c: f"{c.fd:.2f}")):
-        lines += [f"## {title}", "", "| solver | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
-                  "|---|" + "---:|" * len(nfes)]
-        for s in solvers:
-            lines.append(f"| {s} | " + " | ".join(fmt(by[s, n]) if (s, n) in by else "" for n in nfes) + " |")
-        lines.append("")
+        lines += [f"## {title}", "",
+                  *results_tables.nfe_table(["solver"], [(s,) for s in solvers], nfes,
+                                            {(c.label, c.budget): fmt(c) for c in results}), ""]
     lines += ["## Every cell", "", "model rows: model evaluations per sample counting both halves of a guided "
-              "call ([uncond; cond]).", "",
-              "| solver | NFE budget | NFE | steps | samples | accuracy | FD | seconds | model rows |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {c.label} | {c.budget} | {c.nfe} | {c.steps} | {c.samples} | {c.accuracy:.3f} | {c.fd:.3f} "
-              f"| {c.seconds:.1f} | {c.model_rows} |" for c in results]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+              "call ([uncond; cond]).", ""]
+    lines += results_tables.pipe_table(
+        ["solver", "NFE budget", "NFE", "steps", "samples", "accuracy", "FD", "seconds", "model rows"],
+        [[c.label, f"{c.budget}", f"{c.nfe}", f"{c.steps}", f"{c.samples}", f"{c.accuracy:.3f}", f"{c.fd:.3f}",
+          f"{c.seconds:.1f}", f"{c.model_rows}"] for c in results], align="lrrrrrrrr")
+    results_tables.write(path, lines)
 
 
 def write_plot(results: list[Cell], path: Path, floor: tuple[float, float], title: str) -> bool:

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .results_tables import pipe_table
+
 ARCHS = (90, 80)  # H100/H200, A100
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
@@ -395,10 +397,7 @@ def summary_rows(results: list[Compiled]) -> list[dict]:
 def markdown_table(rows: list[dict]) -> str:
     head = ["kernel", "model dtype", "arch", "variants", "errors", "registers", "variants spilling",
             "max spill (bytes)", "stack (bytes)", "shared (bytes)", "compile s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        lines.append("| " + " | ".join(str(v) for v in r.values()) + " |")
-    return "\n".join(lines)
+    return "\n".join(pipe_table(head, [[str(v) for v in r.values()] for r in rows]))
 
 
 def main(argv=None) -> int:

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from . import results_tables
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("likelihood (--nll)")
@@ -125,24 +127,24 @@ def write_results(out: Path, cols, args, device, total: float, seconds: list[flo
         return f"{float(v.mean()):.4f} ± {se:.4f}"
 
     timesteps = "all 1000" if args.nll_timesteps is None else f"{args.nll_timesteps} drawn per digit"
-    lines = [
-        "# Likelihood of real digits under the digits model (bits/dim, lower is better)", "",
-        f"- command: `{command(args, out)}`",
-        f"- model: {args.model}, unconditional (null class); digits: {n} from the classifier's held-out 20% "
-        "split (seed 0), quantized to 256 levels in [-1, 1]; the diffusion model was trained on all 1797 "
-        "digits, so these are not held out from it",
-        f"- ELBO: {timesteps} timesteps, variance fixed_large, discretized Gaussian decoder (variance beta_1)",
-        f"- ODE: Heun over {args.nll_ode_steps} Karras intervals ({2 * args.nll_ode_steps - 1} model calls), "
-        f"{args.nll_probes} Rademacher probe(s), uniform dequantization",
-        f"- device: {device_name}; torch {torch.__version__}; total {total / 60:.1f} min: ELBO "
-        f"{seconds[0]:.0f} s ({seconds[0] / n:.1f} s per digit), "
-        f"ODE {seconds[1]:.0f} s ({seconds[1] / n:.1f} s per digit)",
-        "",
-        "| figure | mean ± s.e. over digits |", "|---|---:|",
-        f"| ELBO bound (bpd) | {cell(bpd)} |", f"| prior term | {cell(prior)} |",
-        f"| diffusion terms (t >= 2) | {cell(diffusion)} |", f"| decoder term (t = 1) | {cell(decoder)} |",
-        f"| Monte-Carlo std of one digit's bound (one draw per timestep) | {cell(spread)} |",
-        f"| ODE log-likelihood (bpd, dequantized) | {cell(ode)} |", "",
-        "Per digit (bpd): ELBO, ODE", "", ", ".join(f"{float(a):.3f}/{float(b):.3f}" for a, b in zip(bpd, ode)), ""]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
+    facts = {
+        "command": f"`{command(args, out)}`",
+        "model": f"{args.model}, unconditional (null class); digits: {n} from the classifier's held-out 20% "
+                 "split (seed 0), quantized to 256 levels in [-1, 1]; the diffusion model was trained on all 1797 "
+                 "digits, so these are not held out from it",
+        "ELBO": f"{timesteps} timesteps, variance fixed_large, discretized Gaussian decoder (variance beta_1)",
+        "ODE": f"Heun over {args.nll_ode_steps} Karras intervals ({2 * args.nll_ode_steps - 1} model calls), "
+               f"{args.nll_probes} Rademacher probe(s), uniform dequantization",
+        "device": f"{device_name}; torch {torch.__version__}; total {total / 60:.1f} min: ELBO "
+                  f"{seconds[0]:.0f} s ({seconds[0] / n:.1f} s per digit), "
+                  f"ODE {seconds[1]:.0f} s ({seconds[1] / n:.1f} s per digit)"}
+    lines = [*results_tables.header_lines("Likelihood of real digits under the digits model (bits/dim, lower is "
+                                          "better)", facts), ""]
+    lines += results_tables.pipe_table(
+        ["figure", "mean ± s.e. over digits"],
+        [["ELBO bound (bpd)", cell(bpd)], ["prior term", cell(prior)], ["diffusion terms (t >= 2)", cell(diffusion)],
+         ["decoder term (t = 1)", cell(decoder)],
+         ["Monte-Carlo std of one digit's bound (one draw per timestep)", cell(spread)],
+         ["ODE log-likelihood (bpd, dequantized)", cell(ode)]], align="lr")
+    lines += ["", "Per digit (bpd): ELBO, ODE", "", ", ".join(f"{float(a):.3f}/{float(b):.3f}" for a, b in zip(bpd, ode))]
+    results_tables.write(out, lines)

@@ -2,7 +2,9 @@
 (`fastdiff.evaluate`'s Judge and frechet_distance) with bootstrap intervals over samples.
 
 A cell is a solver at a budget of model evaluations, on its default grid unless the cell names
-one, optionally with sampler options (`dpmpp_2m@20+sigmas=karras+guidance_rescale=0.7`). Every cell draws the same seeds with
+one, optionally with sampler options (`dpmpp_2m@20+sigmas=karras+guidance_rescale=0.7`) and
+another model than --model (`dpmpp_2m@20+model=runs/digits/online.safetensors`: models compared
+on the same seeds and labels, judged by the same classifier). Every cell draws the same seeds with
 the same labels (seed i gets class i % num_classes), so cells are paired sample by sample:
 
   interval   FD +- 1.96 standard deviations of the FD over bootstrap resamples of the cell's
@@ -29,12 +31,13 @@ from pathlib import Path
 
 import torch
 
+from . import results_tables
 from .evaluate import Judge, frechet_distance
 from .solver_error import class_samples, make_sampler, steps_for_nfe
 
 BOOTSTRAP = 200
 # Sampler options a cell may set, with their types (the rest of a cell is solver@nfe)
-CELL_OPTIONS = {"sigmas": str, "spacing": str, "guidance_rescale": float, "thresholding": lambda v: v in ("1", "true", "True"),
+CELL_OPTIONS = {"model": str, "sigmas": str, "spacing": str, "guidance_rescale": float, "thresholding": lambda v: v in ("1", "true", "True"),
                 "dynamic_thresholding_ratio": float, "sample_max_value": float}
 
 
@@ -117,7 +120,8 @@ def bootstrap(features: dict[str, torch.Tensor], correct: dict[str, torch.Tensor
 
 
 def cache_path(cache: Path, spec: str, guidance_scale: float, n: int) -> Path:
-    return cache / f"{spec.replace('@', '_at_').replace('+', '_').replace('=', '-')}-w{guidance_scale:g}-n{n}.safetensors"
+    name = spec.replace("@", "_at_").replace("+", "_").replace("=", "-").replace("/", "_")
+    return cache / f"{name}-w{guidance_scale:g}-n{n}.safetensors"
 
 
 def draw_cell(loaded, judge: Judge, spec: str, guidance_scale: float, n: int, batch: int, device,
@@ -131,6 +135,10 @@ def draw_cell(loaded, judge: Judge, spec: str, guidance_scale: float, n: int, ba
         d = load_file(path)
         return d["features"], d["correct"].bool(), int(d["nfe"]), int(d["steps"]), float(d["seconds"])
     start = time.perf_counter()
+    if "model" in options:
+        from .models.pretrained import load_pretrained
+
+        loaded = load_pretrained(options.pop("model"), device=device)
     sampler = make_sampler(loaded, solver, steps_for_nfe(solver, nfe), None, device, **options)
     labels = torch.arange(n) % loaded.num_classes
     images = class_samples(loaded, sampler, labels, list(range(n)), guidance_scale, batch)
@@ -173,26 +181,27 @@ def quality(loaded, judge: Judge, specs: list[str], *, guidance_scale: float, nu
 
 
 def write_markdown(cells: list[QualityCell], path: Path, header: dict, floor: list[float], base: str | None) -> None:
-    lines = ["# Sample quality on the digits with its noise: classifier accuracy and Fréchet distance", ""]
-    lines += [f"- {k}: {v}" for k, v in header.items()]
-    lines += [f"- real digits, {len(floor)} disjoint draws of the same n: FD " + ", ".join(f"{v:.1f}" for v in floor)
-              + f" (the floor at this n; their spread is the spread between seed sets of a perfect sampler)",
-              f"- intervals from {BOOTSTRAP} bootstrap resamples of the samples (the same indices in every cell, so "
-              "cells are compared pairwise): FD +- 1.96 bootstrap standard deviations; FD ratio times exp(+-1.96 sd of "
-              "its log); accuracy: 2.5-97.5 percentiles", ""]
-    ratio_head = f" | FD / FD({base}) (95% paired)" if base else ""
-    lines += [f"| cell | NFE | steps | accuracy (95%) | FD (95%){ratio_head} | seconds |",
-              "|---|---:|---:|---|---|" + ("---|" if base else "") + "---:|"]
+    notes = [f"real digits, {len(floor)} disjoint draws of the same n: FD " + ", ".join(f"{v:.1f}" for v in floor)
+             + " (the floor at this n; their spread is the spread between seed sets of a perfect sampler)",
+             f"intervals from {BOOTSTRAP} bootstrap resamples of the samples (the same indices in every cell, so "
+             "cells are compared pairwise): FD +- 1.96 bootstrap standard deviations; FD ratio times exp(+-1.96 sd of "
+             "its log); accuracy: 2.5-97.5 percentiles"]
+    lines = [*results_tables.header_lines("Sample quality on the digits with its noise: classifier accuracy and "
+                                          "Fréchet distance", header, notes), ""]
+    ratio_column = [f"FD / FD({base}) (95% paired)"] if base else []
+    rows = []
     for c in cells:
-        ratio = ""
+        ratio = []
         if base:
-            ratio = f" | {c.ratio_to_base[0]:.3f} ({c.ratio_to_base[1]:.3f}-{c.ratio_to_base[2]:.3f})" \
-                if c.ratio_to_base else " | "
-        lines.append(f"| {c.name} | {c.nfe} | {c.steps} | {c.accuracy:.3f} ({c.accuracy_interval[0]:.3f}-"
-                     f"{c.accuracy_interval[1]:.3f}) | {c.fd:.1f} ({c.fd_interval[0]:.1f}-{c.fd_interval[1]:.1f})"
-                     f"{ratio} | {c.seconds:.0f} |")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+            ratio = [f"{c.ratio_to_base[0]:.3f} ({c.ratio_to_base[1]:.3f}-{c.ratio_to_base[2]:.3f})"
+                     if c.ratio_to_base else ""]
+        rows.append([c.name, f"{c.nfe}", f"{c.steps}",
+                     f"{c.accuracy:.3f} ({c.accuracy_interval[0]:.3f}-{c.accuracy_interval[1]:.3f})",
+                     f"{c.fd:.1f} ({c.fd_interval[0]:.1f}-{c.fd_interval[1]:.1f})", *ratio, f"{c.seconds:.0f}"])
+    lines += results_tables.pipe_table(
+        ["cell", "NFE", "steps", "accuracy (95%)", "FD (95%)", *ratio_column, "seconds"], rows,
+        align="lrrll" + "l" * len(ratio_column) + "r")
+    results_tables.write(path, lines)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -209,7 +218,7 @@ def main(args: argparse.Namespace) -> int:
     judge = Judge(device)
     start = time.perf_counter()
     cells = quality(loaded, judge, specs, guidance_scale=args.guidance_scale, num_samples=args.num_samples,
-                    batch=args.batch, base=args.base, device=device, cache=Path(args.cache) if args.cache else None,
+                    batch=args.batch, base=args.base, device=device, cache=Path(args.cache) / Path(args.model).stem if args.cache else None,  # a folder per --model
                     log=lambda line: print(line, flush=True))
     floor = real_floor(judge, args.num_samples)
     device_name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)" \
@@ -237,7 +246,7 @@ if __name__ == "__main__":
     parser.add_argument("--guidance-scale", type=float, default=1.0)
     parser.add_argument("--num-samples", type=int, default=180)
     parser.add_argument("--batch", type=int, default=60)
-    parser.add_argument("--cache", default=None, help="folder for each cell's features (a rerun skips drawn cells)")
+    parser.add_argument("--cache", default=None, help="folder for each cell's features, in a subfolder per --model (a rerun skips drawn cells)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--device", default="cpu")
     raise SystemExit(main(parser.parse_args()))

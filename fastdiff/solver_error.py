@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from . import results_tables
+
 SOLVERS = ("ddim", "heun", "dpmpp_2m", "unipc")  # the deterministic (probability-flow ODE) solvers
 GRIDS = {"trailing": {"spacing": "trailing"}, "karras": {"sigmas": "karras"}, "exponential": {"sigmas": "exponential"}}
 NFES = (5, 10, 20, 50)
@@ -155,10 +157,10 @@ def solver_error(loaded, *, solvers=SOLVERS, nfes=NFES, grids=tuple(GRIDS), guid
 
 
 def write_markdown(cells: list[ErrorCell], references: list[Reference], path: Path, header: dict) -> None:
-    lines = ["# Solver error on the digits: distance from the converged probability-flow solution", ""]
-    lines += [f"- {k}: {v}" for k, v in header.items()]
-    lines += ["- rmse: root mean square difference from the reference, in data units ([-1, 1]); off: fraction of "
-              "pixels more than one 8-bit level (2/255 in data units) from the reference", ""]
+    lines = [*results_tables.header_lines(
+        "Solver error on the digits: distance from the converged probability-flow solution", header,
+        ["rmse: root mean square difference from the reference, in data units ([-1, 1]); off: fraction of "
+         "pixels more than one 8-bit level (2/255 in data units) from the reference"]), ""]
     nfes = sorted({c.budget for c in cells})
     for ref in references:
         w = ref.guidance
@@ -166,20 +168,18 @@ def write_markdown(cells: list[ErrorCell], references: list[Reference], path: Pa
                   f"Reference: {REFERENCE_SOLVER}, {ref.steps} steps ({ref.nfe} evaluations) on a {REFERENCE_GRID} "
                   f"grid. Halving check: {ref.steps // 2} steps differ from it by rmse {ref.halving_rmse:.2e}, "
                   f"off {ref.halving_off:.4f}.", ""]
+        keys = dict.fromkeys((c.solver, c.grid) for c in cells if c.guidance == w)
         for title, fmt in (("rmse", lambda c: f"{c.rmse:.2e}"), ("off (fraction of pixels)", lambda c: f"{c.off:.3f}")):
-            lines += [f"### {title}", "", "| solver | grid | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
-                      "|---|---|" + "---:|" * len(nfes)]
-            by = {(c.solver, c.grid, c.budget): c for c in cells if c.guidance == w}
-            for solver, grid in dict.fromkeys((c.solver, c.grid) for c in cells if c.guidance == w):
-                lines.append(f"| {solver} | {grid} | " + " | ".join(
-                    fmt(by[solver, grid, n]) if (solver, grid, n) in by else "" for n in nfes) + " |")
-            lines.append("")
-    lines += ["## Every cell", "", "| guidance | solver | grid | NFE budget | NFE | steps | rmse | off | seconds |",
-              "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {c.guidance:g} | {c.solver} | {c.grid} | {c.budget} | {c.nfe} | {c.steps} | {c.rmse:.3e} | "
-              f"{c.off:.4f} | {c.seconds:.1f} |" for c in cells]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+            lines += [f"### {title}", "",
+                      *results_tables.nfe_table(["solver", "grid"], keys, nfes,
+                                                {(c.solver, c.grid, c.budget): fmt(c) for c in cells
+                                                 if c.guidance == w}), ""]
+    lines += ["## Every cell", ""]
+    lines += results_tables.pipe_table(
+        ["guidance", "solver", "grid", "NFE budget", "NFE", "steps", "rmse", "off", "seconds"],
+        [[f"{c.guidance:g}", c.solver, c.grid, f"{c.budget}", f"{c.nfe}", f"{c.steps}", f"{c.rmse:.3e}",
+          f"{c.off:.4f}", f"{c.seconds:.1f}"] for c in cells], align="rllrrrrrr")
+    results_tables.write(path, lines)
     path.with_suffix(".json").write_text(json.dumps(
         {"header": header, "references": [asdict(r) for r in references], "cells": [asdict(c) for c in cells]},
         indent=1) + "\n")

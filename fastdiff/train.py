@@ -3,7 +3,8 @@
 The epsilon loss of DDPM (Ho et al. 2020, Alg. 1) with the library's own forward noising,
 label dropout to the null class for classifier-free guidance (Ho & Salimans 2022), an EMA
 of the weights (what ships), AdamW with linear warmup then cosine decay. Writes the EMA
-model (safetensors + JSON), loss.csv and loss.png into --out.
+model (safetensors + JSON), the online weights beside it (online.safetensors: what the EMA
+is measured against at equal training time), loss.csv and loss.png into --out.
 """
 from __future__ import annotations
 
@@ -189,7 +190,10 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = 
     if out_dir is not None:
         def save(extra: dict) -> None:
             check_finite_weights(ema, extra["steps_done"], cfg.lr)
-            save_model(ema, out_dir / "digits.safetensors", model_metadata(cfg, {**extra, **history}))
+            meta = model_metadata(cfg, {**extra, **history})
+            save_model(ema, out_dir / "digits.safetensors", meta)
+            # the online weights of the same run, to measure what the EMA buys at equal training time
+            save_model(model, out_dir / "online.safetensors", {**meta, "weights": "online (not the EMA)"})
 
     bar = tqdm(range(cfg.steps), desc="train", disable=not progress, dynamic_ncols=True)
     for step in bar:

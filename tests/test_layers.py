@@ -18,7 +18,13 @@ LAYERS = [
              "solver_error", "quality_intervals"}),
     # what the commands share (options, class conditioning, output files) and the library loops they call
     ("front", {"__init__", "integrations", "bench", "bench_cases", "kernel_compile", "distributed", "bulk",
-               "command_options", "class_conditioning", "output_files"}),
+               "command_options", "class_conditioning", "output_files", "results_tables"}),
+    # accelerate(pipe) (integrations.pipelines) picks a family; each family builds on what they all share,
+    # which builds on the scheduler adapter
+    ("pipeline families", {"integrations.pipelines.unconditional", "integrations.pipelines.stable_diffusion",
+                           "integrations.pipelines.stable_diffusion_xl", "integrations.pipelines.flow"}),
+    ("pipeline loop", {"integrations.pipelines.accelerated"}),
+    ("diffusers schedulers", {"integrations.diffusers"}),
     ("sampling", {"sampler", "runners", "loop", "executors", "noising", "likelihood", "inversion", "conditioning"}),
     ("compilers", {"solvers", "models"}),
     ("base", {"schedules", "grids", "kernels", "rng", "guidance", "dtypes", "devices", "columns", "seeds",
@@ -160,6 +166,7 @@ def test_every_kernel_has_a_library_caller():
 @pytest.mark.parametrize("source, broken", [
     ("from ..sampler import Sampler\n", "fastdiff.solvers.ddim"),  # a solver reaching up to the sampler
     ("from fastdiff.solvers.table import NCOL\n", "fastdiff.kernels.affine_step"),
+    ("from .flow import FlowTransformer\n", "fastdiff.integrations.pipelines.accelerated"),  # shared code on a family
 ])
 def test_the_rules_catch_a_broken_import(source, broken):
     """The checks above fail on an upward import (guards against a walker that sees nothing)."""

@@ -113,3 +113,26 @@ def test_eval_solver_error_command(tmp_path, capsys):
     assert result["header"]["command"].startswith("fastdiff eval --solver-error --solvers ddim")
     assert main(["eval", "--solver-error", "--solvers", "dpmpp_2m_sde", "--out", str(out)]) == 2
     assert "deterministic" in capsys.readouterr().err
+
+
+def test_quality_cell_with_another_model(tmp_path):
+    # +model= draws that cell from another model file (same seeds, labels and judge): an exact
+    # copy of the shipped weights gives the default cell's features, a perturbed copy does not,
+    # and the cache keeps the cells apart.
+    from fastdiff.evaluate import Judge
+    from fastdiff.models.io import save_model
+    from fastdiff.models.pretrained import load_pretrained
+    from fastdiff.quality_intervals import draw_cell
+
+    base, judge = load_pretrained("digits"), Judge("cpu")
+    copy = save_model(base.model, tmp_path / "copy.safetensors", base.metadata)
+    other = load_pretrained("digits")  # its own module: perturbing it leaves `base` alone
+    with torch.no_grad():
+        for p in other.model.parameters():
+            p.mul_(0.9)
+    perturbed = save_model(other.model, tmp_path / "perturbed.safetensors", base.metadata)
+    specs = ["ddim@2", f"ddim@2+model={copy}", f"ddim@2+model={perturbed}"]
+    for _ in range(2):  # the second pass reads the cache
+        feats = [draw_cell(base, judge, spec, 1.0, 2, 2, "cpu", tmp_path / "cache")[0] for spec in specs]
+        assert torch.equal(feats[0], feats[1]) and not torch.allclose(feats[0], feats[2])
+    assert len(list((tmp_path / "cache").iterdir())) == 3

@@ -127,3 +127,7 @@ def test_training_ships_the_ema_of_the_weight_sequence(tmp_path, monkeypatch):
         torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
     assert not all(torch.equal(a, b) for a, b in zip(result.model.parameters(), snapshots[-1]))  # not the raw model
     assert load_pretrained(tmp_path / "digits.safetensors").metadata["training"]["ema_decay"] == decay
+    online = load_pretrained(tmp_path / "online.safetensors")  # the last step's weights, beside the EMA
+    for got, last in zip(online.model.parameters(), snapshots[-1]):
+        torch.testing.assert_close(got, last)
+    assert online.metadata["weights"] == "online (not the EMA)"

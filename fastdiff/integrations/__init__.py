@@ -1,2 +1,2 @@
 """Adapters to other libraries, each importing its library lazily: diffusers.py (schedulers as
-Samplers) and pipelines.py (accelerate(pipe))."""
+Samplers) and pipelines/ (accelerate(pipe), one module per pipeline family)."""
