@@ -20,8 +20,8 @@ Runge-Kutta step of 4 evaluations (eq. 13) over diffusers' integer timesteps, h 
     o2 at p2 (told t' + h);    p3 = transfer(x, o2; t -> t' + h)
     o3 at p3 (told t' + h);    p4 = transfer(x, o3; t -> t')
     o4 at p4 (told t');        x' = transfer(x, o1/6 + o2/3 + o3/3 + o4/6; t -> t')
-(with an odd T//N the second point lies at t - h while the model is told t' + h = t - h - 1:
-diffusers' quirk, kept). The o1's are pushed, so the first linear multistep step (at the 4th
+(the second point lies at t - h while the model is told t' + h: the same only where t - t' = 2h,
+not for an odd T//N nor on most linspace/trailing steps; diffusers' quirk, kept). The o1's are pushed, so the first linear multistep step (at the 4th
 timestep) is already fourth order. The rows keep only x and the point: row 2 (the o3 row)
 reads o2 back from its point, o2 = (P - C x) / E with p3 = C x + E o2, and writes the partial
 result transfer(x, o1/6 + o2/3 + o3/3) (o1 = H0), which row 3 completes with E' o4 / 6; so
