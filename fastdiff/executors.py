@@ -52,17 +52,20 @@ class TorchExecutor:
             o = o * per_sample(rescale_factor(out, o, self.phi), o.ndim)
         return o
 
-    def denoised(self, r: int, point: torch.Tensor, out: torch.Tensor,
-                 into: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(D, D_raw); D_raw = d_point * point + d_out * guided output, written into `into` when given."""
+    def raw_denoised(self, r: int, point: torch.Tensor, out: torch.Tensor,
+                     into: torch.Tensor | None = None) -> torch.Tensor:
+        """D_raw = d_point * point + d_out * guided output, written into `into` when given."""
         o = self.guided(r, out)
         dp, do = self.d_point[r], self.d_out[r]
         if into is None:
-            D_raw = dp * point + do * o
-        else:  # the same two products and sum, rounded alike
-            scaled_out = do * o
-            torch.mul(point, dp, out=into).add_(scaled_out)
-            D_raw = into
+            return dp * point + do * o
+        scaled_out = do * o  # the same two products and sum, rounded alike
+        return torch.mul(point, dp, out=into).add_(scaled_out)
+
+    def denoised(self, r: int, point: torch.Tensor, out: torch.Tensor,
+                 into: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(D, D_raw): D_raw clipped or thresholded as the sampler asks."""
+        D_raw = self.raw_denoised(r, point, out, into)
         return apply_threshold(D_raw, self.threshold), D_raw
 
     def step(self, r: int, out: torch.Tensor) -> None:
@@ -167,8 +170,7 @@ class TritonExecutor(TorchExecutor):
         if b.guided[r] and self.phi:
             out_scale = rescale_factor(out, cfg_combine(out, b.cfg_w[r]), self.phi).contiguous()
         if self.threshold.dynamic_ratio is not None:
-            p = b.point if self.point is not None else b.x
-            D_raw = self.d_point[r] * p + self.d_out[r] * self.guided(r, out)
+            D_raw = self.raw_denoised(r, b.point if self.point is not None else b.x, out)
             thresh = dynamic_threshold(D_raw, self.threshold.dynamic_ratio, self.threshold.max_value).contiguous()
         slots, dest = self.layout[r]
         if out.dtype not in MODEL_DTYPES:  # e.g. a float64 output of a float32 model
