@@ -14,19 +14,20 @@ from . import rng
 from .guidance import Thresholding, apply_threshold, cfg_combine, dynamic_threshold, per_sample, rescale_factor
 from .dtypes import MODEL_DTYPES
 from .rng import STREAM_STEP
-from .solvers.table import D, D_RAW, NCOL, X, Z, StepTable, history_slots
+from .solvers.table import D, D_RAW, MAX_HISTORY, NCOL, P, X, Z, StepTable, history_slots
 
 BACKENDS = ("auto", "torch", "triton")
 
 
 class TorchExecutor:
-    """x_next = state[r] . [x, D, D_raw, H0, H1, H2, z] in float32 torch ops.
+    """x_next = state[r] . [x, P, D, D_raw, H0, H1, H2, z] in float32 torch ops.
 
     Folded rows: where D is read by the update alone (no clipping or thresholding, so D = D_raw;
-    no push; no separate point), D is never formed. Substituting D = D_raw = d_point*x + d_out*o
-    (o the guided output) into the row gives the same affine map over [x, o, H..., z],
+    no push; no separate point, so P is x), D is never formed. Substituting D = D_raw =
+    d_point*x + d_out*o (o the guided output) into the row gives the same affine map over
+    [x, o, H..., z],
 
-        x_next = (s_x + (s_D + s_Draw)*d_point) x + (s_D + s_Draw)*d_out o + sum_k s_Hk H_k + s_z z,
+        x_next = (s_x + s_P + (s_D + s_Draw)*d_point) x + (s_D + s_Draw)*d_out o + sum_k s_Hk H_k + s_z z,
 
     whose coefficients are multiplied out once, in float64, on the host. The row is then one
     in-place pass (x += b*o where a is 1 in float32, as for Euler) instead of D's two products,
@@ -44,13 +45,18 @@ class TorchExecutor:
         self.push_row = table.push_row.tolist() if table.push_row is not None else None
         self.noisy = table.uses_noise().tolist()
         # per row, on the host: whether it is folded (see above; its terms then read the guided
-        # output in column D), the nonzero (column, coefficient) terms of each affine row, and
-        # whether D goes straight into the slot it is pushed to (this row reads no value held there)
+        # output in column D), the nonzero (column, coefficient) terms of each affine row (P is x
+        # without separate points: its coefficient joins x's), whether a row reads the point it
+        # also writes, and whether D goes straight into the slot it is pushed to (this row reads
+        # no value held there)
+        own = (lambda row: row) if self.point is not None else _point_into_x  # noqa: E731
         self.folded = [threshold.plain and self.point is None and dest is None for _, dest in self.layout]
-        self.state_terms = [_folded(row, dp, do) if fold else _nonzero(row)
+        self.state_terms = [_folded(own(row), dp, do) if fold else _nonzero(own(row))
                             for row, dp, do, fold in zip(self.state, self.d_point, self.d_out, self.folded)]
         self.point_terms = [_nonzero(row) for row in self.point] if self.point is not None else None
-        self.push_terms = [_nonzero(row) for row in self.push_row] if self.push_row is not None else None
+        self.push_terms = [_nonzero(own(row)) for row in self.push_row] if self.push_row is not None else None
+        self.reads_point = ([row[P] != 0 or prow[P] != 0 for row, prow in zip(self.state, self.point)]
+                            if self.point is not None else [False] * table.rows)
         self.direct = [dest is not None and self.push_row is None and dest not in slots and threshold.plain
                        for slots, dest in self.layout]
 
@@ -64,17 +70,20 @@ class TorchExecutor:
             o = o * per_sample(rescale_factor(out, o, self.phi), o.ndim)
         return o
 
-    def denoised(self, r: int, point: torch.Tensor, out: torch.Tensor,
-                 into: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(D, D_raw); D_raw = d_point * point + d_out * guided output, written into `into` when given."""
+    def raw_denoised(self, r: int, point: torch.Tensor, out: torch.Tensor,
+                     into: torch.Tensor | None = None) -> torch.Tensor:
+        """D_raw = d_point * point + d_out * guided output, written into `into` when given."""
         o = self.guided(r, out)
         dp, do = self.d_point[r], self.d_out[r]
         if into is None:
-            D_raw = dp * point + do * o
-        else:  # the same two products and sum, rounded alike
-            scaled_out = do * o
-            torch.mul(point, dp, out=into).add_(scaled_out)
-            D_raw = into
+            return dp * point + do * o
+        scaled_out = do * o  # the same two products and sum, rounded alike
+        return torch.mul(point, dp, out=into).add_(scaled_out)
+
+    def denoised(self, r: int, point: torch.Tensor, out: torch.Tensor,
+                 into: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(D, D_raw): D_raw clipped or thresholded as the sampler asks."""
+        D_raw = self.raw_denoised(r, point, out, into)
         return apply_threshold(D_raw, self.threshold), D_raw
 
     def step(self, r: int, out: torch.Tensor) -> None:
@@ -88,19 +97,33 @@ class TorchExecutor:
             D, D_raw = self.guided(r, out), None  # column D: o, its coefficient holds d_out
         else:
             D, D_raw = self.denoised(r, p, out, into=b.history[dest] if direct else None)
-        values = [b.x, D, D_raw] + [b.history[s] for s in slots] + [None] * (3 - len(slots)) + [None]
+        values = [b.x, p, D, D_raw] + [b.history[s] for s in slots] + [None] * (MAX_HISTORY - len(slots)) + [None]
         if self.noisy[r]:
             values[Z] = rng.randn(b.seeds, self.table.noise_counter(r), STREAM_STEP, b.x.shape[1:], device=b.x.device)
         push = None
         if dest is not None and not direct:
             push = D if self.push_terms is None else _affine(self.push_terms[r], values)
+        new_point = None
         if self.point_terms is not None:
-            _affine_into(b.point, self.point_terms[r], values)  # the values hold no view of the point
+            if self.reads_point[r]:  # P is read here: the new point goes in once x is written
+                new_point = _affine(self.point_terms[r], values)
+            else:
+                _affine_into(b.point, self.point_terms[r], values)  # no term reads the point
         _affine_into(b.x, self.state_terms[r], values)
+        if new_point is not None:
+            b.point.copy_(new_point)
         if push is not None:
             b.history[dest].copy_(push)
         if r + 1 < self.table.rows:
             b.write_model_input(p, self.c_in[r + 1], both=b.guided[r + 1])
+
+
+def _point_into_x(coefs: list[float]) -> list[float]:
+    """An affine row with its P coefficient added to x's (P is x when the table has no points)."""
+    folded = list(coefs)
+    folded[X] += folded[P]
+    folded[P] = 0.0
+    return folded
 
 
 def _nonzero(coefs: list[float]) -> list[tuple[int, float]]:
@@ -182,8 +205,7 @@ class TritonExecutor(TorchExecutor):
         if b.guided[r] and self.phi:
             out_scale = rescale_factor(out, cfg_combine(out, b.cfg_w[r]), self.phi).contiguous()
         if self.threshold.dynamic_ratio is not None:
-            p = b.point if self.point is not None else b.x
-            D_raw = self.d_point[r] * p + self.d_out[r] * self.guided(r, out)
+            D_raw = self.raw_denoised(r, b.point if self.point is not None else b.x, out)
             thresh = dynamic_threshold(D_raw, self.threshold.dynamic_ratio, self.threshold.max_value).contiguous()
         slots, dest = self.layout[r]
         if out.dtype not in MODEL_DTYPES:  # e.g. a float64 output of a float32 model

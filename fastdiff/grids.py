@@ -29,6 +29,7 @@ class Grid:
     abar_to: torch.Tensor  # [N] level each step lands on (the last: final_abar)
     t_final: float = 0.0  # the model timestep of the final level (Heun evaluates there when it is above 0)
     process: str = "vp"  # the schedule's process ("vp", or "flow": see schedules.FlowSchedule)
+    stride: int = 0  # diffusers' fixed T//N of a spaced stride_prev grid (t - stride is DDIM's/PNDM's next); else 0
 
     @property
     def steps(self) -> int:
@@ -52,7 +53,7 @@ class Grid:
         return ((1 - self.abar_to) / self.abar_to).sqrt()
 
     def __getitem__(self, sl: slice) -> "Grid":
-        return Grid(self.t[sl], self.abar[sl], self.abar_to[sl], self.t_final, self.process)
+        return Grid(self.t[sl], self.abar[sl], self.abar_to[sl], self.t_final, self.process, self.stride)
 
 
 def spaced_timesteps(num_train_timesteps: int, steps: int, spacing: str, steps_offset: int = 0) -> np.ndarray:
@@ -191,10 +192,11 @@ def make_grid(schedule: Schedule, steps: int, *, spacing: str = "trailing", step
     ts = spaced_timesteps(T, steps, spacing, steps_offset)
     t = torch.from_numpy(ts).to(F64)
     abar = abar_train[ts]
+    stride = T // steps if stride_prev else 0
     if stride_prev:
-        prev = ts - T // steps
+        prev = ts - stride
         abar_to = torch.where(torch.from_numpy(prev >= 0), abar_train[np.clip(prev, 0, None)],
                               torch.tensor(final_abar, dtype=F64))
     else:
         abar_to = torch.cat([abar[1:], torch.tensor([final_abar], dtype=F64)])
-    return _check_final_level(Grid(t, abar, abar_to, t_final), final_abar)
+    return _check_final_level(Grid(t, abar, abar_to, t_final, stride=stride), final_abar)

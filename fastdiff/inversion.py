@@ -56,7 +56,7 @@ def compose(table: StepTable, by_denoised: list[bool]) -> tuple[torch.Tensor, to
         points[r] = p
         # D (no clipping): the basis vector itself, or the conversion of the point and out_r
         d = basis[1 + r] if by_denoised[r] else float(table.d_point[r]) * p + float(table.d_out[r]) * basis[1 + r]
-        values = [x, d, d] + history[: len(COLUMNS) - H0 - 1]
+        values = [x, p, d, d] + history[: len(COLUMNS) - H0 - 1]  # V = [x, P, D, D_raw, H0, ...]
 
         def apply(row):
             acc = torch.zeros(R + 1, dtype=torch.float64)

@@ -59,6 +59,8 @@ def _solver_options(solver: str, spacing: str, schedule: Schedule, given: dict) 
         options["spacing"] = spacing
     if "t_at" in takes:  # the model timestep at a level off the grid (churn's sigma_hat)
         options["t_at"] = schedule.t_at
+    if "abar_at" in takes:  # the level at a timestep off the grid (PNDM's Runge-Kutta rows)
+        options["abar_at"] = schedule.alphas_cumprod_at
     return options
 
 
@@ -91,7 +93,8 @@ class Sampler:
                  prediction: str = "epsilon", spacing: str | None = None, eta: float = 0.0,
                  guidance_scale: float | None = None, *, steps_offset: int = 0, sigmas=None,
                  rho: float = 7.0, timesteps=None, variance: str = "fixed_small", solver_order: int | None = None,
-                 lower_order_final: bool = True, final_alpha_cumprod: float = 1.0, clip_sample: bool = False,
+                 lower_order_final: bool = True, warmup: str | None = None, final_alpha_cumprod: float = 1.0,
+                 clip_sample: bool = False,
                  clip_range: float = 1.0, thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
                  sample_max_value: float = 1.0, use_clipped_model_output: bool = False,
                  guidance_rescale: float = 0.0, guidance_interval=None, classifier=None,
@@ -166,7 +169,7 @@ class Sampler:
         self.grid = make_grid(schedule, steps if timesteps is None else len(timesteps), **self._grid_options)
         self.steps = self.grid.steps
         self._options = _solver_options(solver, spacing, schedule, dict(
-            eta=eta, variance=variance, solver_order=solver_order, lower_order_final=lower_order_final,
+            eta=eta, variance=variance, solver_order=solver_order, lower_order_final=lower_order_final, warmup=warmup,
             use_clipped_model_output=use_clipped_model_output, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax,
             s_noise=s_noise, churn_variant=churn_variant))
         if corrector is None and (corrector_steps, snr) != (_default("corrector_steps"), _default("snr")):

@@ -1,12 +1,12 @@
 """The fused solver step: one row of a coefficient table (fastdiff.solvers.table), one launch.
 
-Per sample b and element e, with the row r = [d_point, d_out, c_in_next, state[7], point[7], push[7]]:
+Per sample b and element e, with the row r = [d_point, d_out, c_in_next, state[8], point[8], push[8]]:
 
     o      = out[b]                       or  u + w_b * (c - u),  (u, c) = (out[b], out[B+b])
     o      = o * out_scale[b]                                       (rescaled-CFG pre-pass)
     D_raw  = d_point * P + d_out * o       P = point if given else x
     D      = clamp(D_raw, -clip, clip)     or  clamp(D_raw, -s_b, s_b) / s_b   (thresh s_b)
-    V      = [x, D, D_raw, H0, H1, H2, z]  z ~ N(0, 1) keyed (seeds[b], counter, STREAM_STEP, e),
+    V      = [x, P, D, D_raw, H0, H1, H2, z]   z ~ N(0, 1) keyed (seeds[b], counter, STREAM_STEP, e),
                                            counter = r unless the table keys it ahead (churn)
     x      <- state . V
     point  <- point_row . V                (x_next when there is no separate point)
@@ -56,9 +56,8 @@ def _affine_step_kernel(
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     if HAS_POINT:
         p = tl.load(point_ptr + offs, mask=mask, other=0.0)
-        p_in = p
     else:
-        p_in = x
+        p = x
 
     o = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if CFG:
@@ -68,7 +67,7 @@ def _affine_step_kernel(
     if OUT_SCALE:
         o = o * tl.load(out_scale_ptr + b, mask=in_batch, other=1.0)
 
-    d_raw = d_point * p_in + d_out * o
+    d_raw = d_point * p + d_out * o
     d = d_raw
     if CLIP:
         d = tl.minimum(tl.maximum(d_raw, -clip), clip)
@@ -76,41 +75,50 @@ def _affine_step_kernel(
         s = tl.load(thresh_ptr + b, mask=in_batch, other=1.0)
         d = tl.div_rn(tl.minimum(tl.maximum(d_raw, -s), s), s)  # IEEE division, as torch
 
-    # x_next = state . V, point' = point_row . V over V = [x, D, D_raw, H0, H1, H2, z]
-    x_next = tl.load(r + _S + 0) * x + tl.load(r + _S + 1) * d + tl.load(r + _S + 2) * d_raw
+    # x_next = state . V, point' = point_row . V over V = [x, P, D, D_raw, H0, H1, H2, z];
+    # without a point P is x, and its coefficient joins x's (a scalar add)
     if HAS_POINT:
-        p_next = tl.load(r + _P + 0) * x + tl.load(r + _P + 1) * d + tl.load(r + _P + 2) * d_raw
+        x_next = tl.load(r + _S + 0) * x + tl.load(r + _S + 1) * p
+        p_next = tl.load(r + _P + 0) * x + tl.load(r + _P + 1) * p
+        p_next += tl.load(r + _P + 2) * d + tl.load(r + _P + 3) * d_raw
+    else:
+        x_next = (tl.load(r + _S + 0) + tl.load(r + _S + 1)) * x
+    x_next += tl.load(r + _S + 2) * d + tl.load(r + _S + 3) * d_raw
     if PUSH:
-        q = tl.load(r + _Q + 0) * x + tl.load(r + _Q + 1) * d + tl.load(r + _Q + 2) * d_raw
+        if HAS_POINT:
+            q = tl.load(r + _Q + 0) * x + tl.load(r + _Q + 1) * p
+        else:
+            q = (tl.load(r + _Q + 0) + tl.load(r + _Q + 1)) * x
+        q += tl.load(r + _Q + 2) * d + tl.load(r + _Q + 3) * d_raw
     if K >= 1:
         h = tl.load(h0_ptr + offs, mask=mask, other=0.0)
-        x_next += tl.load(r + _S + 3) * h
-        if HAS_POINT:
-            p_next += tl.load(r + _P + 3) * h
-        if PUSH:
-            q += tl.load(r + _Q + 3) * h
-    if K >= 2:
-        h = tl.load(h1_ptr + offs, mask=mask, other=0.0)
         x_next += tl.load(r + _S + 4) * h
         if HAS_POINT:
             p_next += tl.load(r + _P + 4) * h
         if PUSH:
             q += tl.load(r + _Q + 4) * h
-    if K >= 3:
-        h = tl.load(h2_ptr + offs, mask=mask, other=0.0)
+    if K >= 2:
+        h = tl.load(h1_ptr + offs, mask=mask, other=0.0)
         x_next += tl.load(r + _S + 5) * h
         if HAS_POINT:
             p_next += tl.load(r + _P + 5) * h
         if PUSH:
             q += tl.load(r + _Q + 5) * h
+    if K >= 3:
+        h = tl.load(h2_ptr + offs, mask=mask, other=0.0)
+        x_next += tl.load(r + _S + 6) * h
+        if HAS_POINT:
+            p_next += tl.load(r + _P + 6) * h
+        if PUSH:
+            q += tl.load(r + _Q + 6) * h
     if NOISE:
         seed = tl.load(seed_ptr + b, mask=in_batch, other=0)
         z = normal_block(seed, start, counter, STREAM, ROWS, BLOCK)
-        x_next += tl.load(r + _S + 6) * z
+        x_next += tl.load(r + _S + 7) * z
         if HAS_POINT:
-            p_next += tl.load(r + _P + 6) * z
+            p_next += tl.load(r + _P + 7) * z
         if PUSH:
-            q += tl.load(r + _Q + 6) * z
+            q += tl.load(r + _Q + 7) * z
     if not HAS_POINT:
         p_next = x_next
 

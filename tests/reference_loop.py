@@ -27,7 +27,7 @@ def plain_loop(model, table, seeds, shape, cond=None, uncond=None, w=None, dtype
             out = u + w_r * (c - u)
         D = float(table.d_point[r]) * p + float(table.d_out[r]) * out
         z = rng.randn(seeds, r, STREAM_STEP, shape).to(dtype)
-        V = [x, D, D] + [history[s] for s in slots] + [None] * (3 - len(slots)) + [z]
+        V = [x, p, D, D] + [history[s] for s in slots] + [None] * (3 - len(slots)) + [z]
         comb = lambda row: sum(c * v for c, v in zip(row.tolist(), V) if c != 0)  # noqa: E731
         x_next = comb(table.state[r])
         point = comb(table.point[r]) if table.point is not None else x_next

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fastdiff import SOLVERS, Sampler, Schedule
+from fastdiff.columns import P
 from gaussian_model import GaussianDenoiser
 from reference_loop import plain_loop
 
@@ -54,6 +55,30 @@ def test_half_precision_error_is_at_most_twice_torchs(solver, cfg, dtype, kernel
     uncond = {k: v.cpu() for k, v in extra.get("uncond", {}).items()} or None
     ref = plain_loop(model64, sampler.table, seeds, shape, cond, uncond, extra.get("guidance_scale"),
                      dtype=torch.float64)
+    e_tri, e_tor = rel_err(tri.cpu(), ref), rel_err(tor.cpu(), ref)
+    assert e_tri <= 2 * e_tor + 1e-6, (e_tri, e_tor)
+
+
+RUNGE_KUTTA = dict(warmup="pseudo_runge_kutta")  # plms: 13 rows, 3 steps of 4, then PLMS
+
+
+@pytest.mark.parametrize("cfg", [False, True], ids=["nocfg", "cfg"])
+@pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
+def test_triton_equals_torch_on_pndms_runge_kutta_warmup(prediction, cfg, kernel_device):
+    """Its inner rows read the point column P (o2 = (P - C x) / E, o3 from D_raw and P)."""
+    shape, batch = SHAPES[(len(prediction) + cfg) % 3], 2 + cfg
+    a, sampler, _ = run("triton", "plms", prediction, cfg, torch.float32, shape, batch, kernel_device, **RUNGE_KUTTA)
+    b, _, _ = run("torch", "plms", prediction, cfg, torch.float32, shape, batch, kernel_device, **RUNGE_KUTTA)
+    assert sampler.table.rows == 13 and bool((sampler.table.state[:, P] != 0).any())  # the P column is used
+    assert rel_err(a, b) < 1e-5, rel_err(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_runge_kutta_warmup_error_is_at_most_twice_torchs(dtype, kernel_device):
+    shape, batch = (3, 5, 7), 2
+    tri, sampler, _ = run("triton", "plms", "epsilon", False, dtype, shape, batch, kernel_device, **RUNGE_KUTTA)
+    tor, _, _ = run("torch", "plms", "epsilon", False, dtype, shape, batch, kernel_device, **RUNGE_KUTTA)
+    ref = plain_loop(GaussianDenoiser(SCHEDULE).double(), sampler.table, [7, 8], shape, dtype=torch.float64)
     e_tri, e_tor = rel_err(tri.cpu(), ref), rel_err(tor.cpu(), ref)
     assert e_tri <= 2 * e_tor + 1e-6, (e_tri, e_tor)
 

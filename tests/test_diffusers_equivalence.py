@@ -6,8 +6,10 @@ x = noise * init_noise_sigma; for t: scale_model_input -> model -> step.
 Stochastic schedulers are checked twice: with diffusers' noise replaced by fastdiff's
 counter-based noise (then the results must be equal), and by distribution over many draws.
 """
+import itertools
 import json
 import math
+import random
 
 import pytest
 import torch
@@ -261,7 +263,6 @@ UNSUPPORTED = [
     ("UniPCMultistepScheduler", dict(predict_x0=False), {}, "predict_x0"),
     ("UniPCMultistepScheduler", dict(disable_corrector=[0]), {}, "disable_corrector"),
     ("UniPCMultistepScheduler", dict(lower_order_final=False), {}, "lower_order_final"),
-    ("PNDMScheduler", {}, {}, "skip_prk_steps"),
     ("PNDMScheduler", dict(skip_prk_steps=True, timestep_spacing="linspace"), {}, "timestep_spacing"),
     ("DEISMultistepScheduler", {}, {}, "DEISMultistepScheduler"),
 ]
@@ -272,6 +273,67 @@ def test_unsupported_options_raise_naming_the_option(name, config, step_kw, opti
     scheduler = getattr(diffusers, name)(**config)
     with pytest.raises(NotImplementedError, match=option):
         Sampler.from_diffusers(scheduler, lambda x, t: x, steps=20, **step_kw)
+
+
+def prk_sweep(count: int, seed: int = 12) -> list[tuple[dict, int, str]]:
+    """PNDMScheduler(skip_prk_steps=False) configurations (config, steps, net): every combination
+    of spacing x steps_offset x set_alpha_to_one x prediction once, each with a random step count
+    in 4..60 (4, 5 and 60 included), T = 1000 or 100, linear or scaled_linear betas, and the net."""
+    rnd = random.Random(seed)
+    combos = list(itertools.product(("leading", "linspace", "trailing"), (0, 1), (False, True),
+                                    ("epsilon", "v_prediction")))
+    rnd.shuffle(combos)
+    steps = [4, 5, 60] + [rnd.randint(4, 60) for _ in range(count)]
+    cases = []
+    for i, (spacing, offset, alpha_one, prediction) in enumerate(combos[:count]):
+        T = rnd.choice((1000, 100))
+        N = steps[i]
+        while spacing == "trailing" and np_trailing_overshoots(T, N):  # refused by name (tested elsewhere)
+            N += 1
+        config = dict(num_train_timesteps=T, timestep_spacing=spacing, steps_offset=offset, set_alpha_to_one=alpha_one,
+                      prediction_type=prediction, beta_schedule=rnd.choice(("linear", "scaled_linear")))
+        cases.append((config, N, "gaussian" if i % 2 == 0 else "conv"))
+    return cases
+
+
+def np_trailing_overshoots(T: int, N: int) -> bool:
+    import numpy as np
+
+    return np.arange(T, 0, -T / N).size != N
+
+
+# The cosine schedule (squaredcos_cap_v2) is left out of the sweep: from a grid that starts at
+# t = T - 1 (abar = 2.4e-9 at T = 1000, 2.4e-7 at T = 100) each Runge-Kutta sub-step multiplies
+# float32 rounding by sqrt(a'/a) ~ 30, and diffusers' own float32 loop then differs from its
+# float64 loop by up to 26% (fastdiff's float32 by up to 58%); "leading" spacing stays below T - 1.
+PRK_FIXED = [(dict(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction"), 9, "gaussian"),
+             (dict(SD_BETAS, steps_offset=1), 50, "gaussian"), ({}, 4, "conv")]
+
+
+@pytest.mark.parametrize("config,steps,net", prk_sweep(24) + PRK_FIXED,
+                         ids=lambda v: "-".join(f"{x}" for x in v.values()) if isinstance(v, dict) else str(v))
+def test_pndm_runge_kutta_warmup_matches_diffusers_loop(config, steps, net):
+    """skip_prk_steps=False (PNDMScheduler's default): 3 Runge-Kutta steps of 4 evaluations, then PLMS."""
+    scheduler = diffusers.PNDMScheduler(**config)
+    model = TinyConvNet() if net == "conv" else GaussianDenoiser(scheduler.alphas_cumprod, MU, S,
+                                                                 scheduler.config.prediction_type)
+    noise = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(steps))
+    with torch.no_grad():
+        sampler = Sampler.from_diffusers(scheduler, model, steps=steps)
+        got = sampler.sample(noise=noise)
+        want = diffusers_loop(scheduler, model, noise, steps)
+    assert rel_err(got, want) < RTOL
+    assert torch.equal(sampler.timesteps.float(), scheduler.timesteps.float())  # what the model saw
+    assert sampler.num_model_evals == steps + 9  # 3 steps of 4 evaluations
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_pndm_runge_kutta_warmup_needs_4_steps(steps):
+    scheduler = diffusers.PNDMScheduler()
+    with pytest.raises(ValueError):  # diffusers' own set_timesteps fails inside numpy
+        scheduler.set_timesteps(steps)
+    with pytest.raises(ValueError, match=f"skip_prk_steps=False needs num_inference_steps >= 4.*got steps={steps}"):
+        Sampler.from_diffusers(scheduler, lambda x, t: x, steps=steps)
 
 
 # the same mappings on a random conv net (no closed form): scheduler, config, steps, step() keywords

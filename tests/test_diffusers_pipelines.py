@@ -118,6 +118,8 @@ SD_SCHEDULERS = {
     "dpmpp-karras": (diffusers.DPMSolverMultistepScheduler, dict(SD_SCHEDULE, use_karras_sigmas=True), None),
     "euler-ancestral": (diffusers.EulerAncestralDiscreteScheduler, dict(SD_SCHEDULE),
                         "scheduling_euler_ancestral_discrete"),
+    # PNDMScheduler's default, skip_prk_steps=False: 3 Runge-Kutta steps of 4 U-Net calls, then PLMS
+    "pndm-runge-kutta": (diffusers.PNDMScheduler, dict(SD_SCHEDULE, steps_offset=1), None),
 }
 
 
@@ -163,11 +165,6 @@ def test_accelerate_refuses_what_it_cannot_honour(tmp_path):
         apipe("a cat", num_inference_steps=2, callback=lambda *a: None, callback_steps=1)
     with pytest.raises(NotImplementedError, match="timesteps"):
         apipe("a cat", timesteps=[999, 500])
-    pipe.scheduler = diffusers.PNDMScheduler(**SD_SCHEDULE)  # PRK warm-up steps: not a fastdiff table
-    with pytest.raises(NotImplementedError, match="PNDMScheduler with skip_prk_steps=False"):
-        apipe("a cat", num_inference_steps=4)
-    with pytest.raises(NotImplementedError, match="skip_prk_steps"):
-        accelerate(pipe)
     pipe.scheduler = diffusers.DEISMultistepScheduler(**SD_SCHEDULE)
     with pytest.raises(NotImplementedError, match="DEISMultistepScheduler"):
         accelerate(pipe)
@@ -266,6 +263,9 @@ def test_img2img_pipelines_start_from_the_noised_image(tmp_path):
     for strength, w in ((0.6, 6.0), (1.0, 6.0), (0.6, 1.0)):  # the VAE's sample, then the noise, from the generator
         assert_same_latents(sd, accelerate(sd), prompt=["a cat", "a dog"], image=image, strength=strength,
                             num_inference_steps=5, guidance_scale=w)
+    sd.scheduler = diffusers.PNDMScheduler(**SD_SCHEDULE)  # diffusers slices its Runge-Kutta sub-steps by step count
+    with pytest.raises(NotImplementedError, match="strength < 1 with PNDMScheduler\\(skip_prk_steps=False\\)"):
+        accelerate(sd)(prompt="a cat", image=image[:1], strength=0.6, num_inference_steps=5)
     xl = tiny_sdxl(diffusers.EulerDiscreteScheduler(**SD_SCHEDULE, timestep_spacing="leading", steps_offset=1),
                    cls=diffusers.StableDiffusionXLImg2ImgPipeline)
     axl = accelerate(xl)

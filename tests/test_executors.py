@@ -1,8 +1,9 @@
 """The torch executor's rows against the table's definition, evaluated independently in float64.
 
 Rows whose D only their own update reads are folded on the host (TorchExecutor's docstring):
-they must still be x_next = state . [x, D, D_raw, H..., z] with D_raw = d_point*x + d_out*o,
-to float32 rounding, as must the rows that form D (pushed, clipped).
+they must still be x_next = state . [x, P, D, D_raw, H..., z] with P = x (no separate points)
+and D_raw = d_point*x + d_out*o, to float32 rounding, as must the rows that form D (pushed,
+clipped).
 """
 import pytest
 import torch
@@ -12,14 +13,14 @@ from fastdiff.executors import TorchExecutor
 from fastdiff.guidance import Thresholding
 from fastdiff.loop import LoopBuffers
 from fastdiff.rng import STREAM_STEP
-from fastdiff.solvers.table import D, D_RAW, H0, H1, NCOL, X, Z, StepTable
+from fastdiff.solvers.table import D, D_RAW, H0, H1, H2, NCOL, P, X, Z, StepTable
 
 F64 = torch.float64
 EPS32 = torch.finfo(torch.float32).eps
 B, S = 3, (3, 5, 7)
 # row: (what it is, state coefficients {column: value}, pushes D)
 ROWS = [
-    ("plain", {X: 0.83, D: 0.21, D_RAW: -0.05}, False),
+    ("plain, reads P", {X: 0.83, P: 0.1, D: 0.21, D_RAW: -0.05}, False),
     ("pushed", {X: 0.6, D: 0.4}, True),
     ("noisy, reads H0", {X: 1.0, D: -0.3, H0: 0.25, Z: 0.7}, False),
     ("pushed, reads H0", {X: 0.9, D: 0.35, D_RAW: 0.1, H0: -0.45}, True),
@@ -68,7 +69,7 @@ def test_rows_equal_the_float64_definition(clip, cfg):
         D_raw = dp * x + do * o
         Dv = D_raw.clamp(-clip, clip) if clip is not None else D_raw
         z = rng.randn(seeds, r, STREAM_STEP, S).double()
-        V = [x, Dv, D_raw] + history + [None] * (3 - len(history)) + [z]
+        V = {X: x, P: x, D: Dv, D_RAW: D_raw, Z: z, **dict(zip((H0, H1, H2), history))}
         terms = [(i, float(c)) for i, c in enumerate(table.state[r]) if c != 0]
         want = sum(c * V[i] for i, c in terms)
         # float32 rounding of every term, of D_raw (|d_point x| + |d_out| |o| and o's own rounding)

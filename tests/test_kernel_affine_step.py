@@ -38,7 +38,8 @@ def reference_step(row, coef, x, out, *, point=None, history=(), push_dest=None,
         d = torch.maximum(torch.minimum(d_raw, s), -s) / s
     counter = row if noise_counter is None else noise_counter
     z = rng.randn(seeds, counter, STREAM_STEP, S).double() if noise else torch.zeros_like(xd)
-    V = [xd, d, d_raw] + [h.double() for h in history] + [torch.zeros_like(xd)] * (3 - len(history)) + [z]
+    # V = [x, P, D, D_raw, H0, H1, H2, z]: P the point the model saw (x without one)
+    V = [xd, p_in, d, d_raw] + [h.double() for h in history] + [torch.zeros_like(xd)] * (3 - len(history)) + [z]
     x_next = sum(state[j] * V[j] for j in range(NCOL))
     p_next = sum(point_row[j] * V[j] for j in range(NCOL)) if point is not None else x_next
     want = {"x": x_next}

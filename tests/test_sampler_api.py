@@ -49,6 +49,12 @@ def test_the_documented_api_runs():
     (dict(snr=0.3), "snr=0.3 set the corrector; they need corrector='langevin'"),
     (dict(corrector="langevin", corrector_steps=0), "corrector_steps must be a positive integer, got 0"),
     (dict(compile="max-autotune"), "compile must be True or False, got 'max-autotune'"),
+    (dict(solver="plms", warmup="rk4"), "unknown warmup 'rk4' for plms; allowed: pseudo_improved_euler, "
+                                        "pseudo_runge_kutta"),
+    (dict(solver="plms", warmup="pseudo_runge_kutta", steps=3),
+     r"needs steps >= 4 \(img2img: int\(steps \* strength\) >= 4\); got 3"),
+    (dict(solver="plms", warmup="pseudo_runge_kutta", sigmas="karras"), "needs a spaced grid"),
+    (dict(solver="plms", warmup="pseudo_runge_kutta", timesteps=[900, 700, 500, 300]), "needs a spaced grid"),
 ])
 def test_constructor_errors_name_the_parameter_and_allowed_values(kwargs, match):
     if kwargs.get("graph") is True and torch.cuda.is_available():
@@ -57,7 +63,8 @@ def test_constructor_errors_name_the_parameter_and_allowed_values(kwargs, match)
         Sampler(model(), SCHEDULE, **kwargs)
 
 
-NON_DEFAULT = dict(eta=0.7, variance="fixed_large", solver_order=1, lower_order_final=False)
+NON_DEFAULT = dict(eta=0.7, variance="fixed_large", solver_order=1, lower_order_final=False,
+                   warmup="pseudo_runge_kutta")
 
 
 @pytest.mark.parametrize("solver", fastdiff.SOLVERS)

@@ -44,7 +44,7 @@ def run_table(table, x0, noises):
         to_vp = math.sqrt(abar) if table.space == "ve" else 1.0
         Dv = denoiser(to_vp * p, abar)
         slots, dest = layout[r]
-        V = [x, Dv, Dv] + [history[k] for k in slots] + [torch.zeros_like(x0)] * (3 - len(slots)) + [noises[r]]
+        V = [x, p, Dv, Dv] + [history[k] for k in slots] + [torch.zeros_like(x0)] * (3 - len(slots)) + [noises[r]]
         x_next = sum(c * v for c, v in zip(table.state[r].tolist(), V))
         p_next = sum(c * v for c, v in zip(table.point[r].tolist(), V)) if table.point is not None else x_next
         if dest is not None:

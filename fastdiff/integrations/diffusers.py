@@ -12,7 +12,7 @@ A scheduler maps to a solver (checked against diffusers 0.42.1):
     DPMSolverMultistepScheduler       dpmpp_2m (dpmsolver++) / dpmpp_2m_sde (sde-dpmsolver++)
     FlowMatchEulerDiscreteScheduler   euler (flow; stochastic_sampling: renoise)
     FlowMatchHeunDiscreteScheduler    heun (flow)
-    PNDMScheduler                     plms (skip_prk_steps=True)  LMSDiscreteScheduler  lms (order from step())
+    PNDMScheduler                     plms (warmup from skip_prk_steps)  LMSDiscreteScheduler  lms (order from step())
 DPMSolverMultistep and UniPCMultistep with use_flow_sigmas run on a flow-matching schedule too.
 
 The grid is the scheduler's own: a fresh copy of it runs set_timesteps(N) and fastdiff walks
@@ -35,6 +35,7 @@ from ..grids import spaced_timesteps
 from ..sampler import Sampler
 from ..schedules import Schedule
 from ..solvers.dpmpp import final_step_first_order
+from ..solvers.plms import RUNGE_KUTTA_MIN_STEPS
 
 # Sampler options that do not change what a scheduler computes; they pass through.
 RUNTIME_OPTIONS = ("guidance_scale", "guidance_rescale", "guidance_interval", "classifier", "classifier_scale", "corrector",
@@ -81,6 +82,11 @@ def sampler_from_diffusers(scheduler_or_config, model, steps: int, **overrides) 
     for k in grid_kw:
         if k not in takes:
             raise ValueError(f"{name}.set_timesteps() takes no {k!r}")
+    if name == "PNDMScheduler" and not scheduler.config.skip_prk_steps and steps < RUNGE_KUTTA_MIN_STEPS:
+        # diffusers' own set_timesteps fails inside numpy (a broadcast of the 4 largest timesteps)
+        raise ValueError(f"PNDMScheduler with skip_prk_steps=False needs num_inference_steps >= "
+                         f"{RUNGE_KUTTA_MIN_STEPS} (its Runge-Kutta warm-up takes the 4 largest timesteps), "
+                         f"got steps={steps}")
     scheduler.set_timesteps(steps, **grid_kw)
     if scheduler.config.get("timestep_spacing") == "trailing" and float(scheduler.timesteps.min()) < 0:
         # diffusers' float arange overshoots for some N and lists t = -1: refuse, naming a count that works
@@ -295,21 +301,20 @@ def _prediction(s, c) -> str:
 
 def _pndm(s, c, N, step_kw, schedule):
     _step_kw(s, step_kw, {})
-    if not c.skip_prk_steps:
-        _unsupported(s, "skip_prk_steps", False, "the Runge-Kutta warm-up (4 evaluations per step for 3 steps) is "
-                     "not implemented; Stable Diffusion 1.x configs set skip_prk_steps=True")
     if c.prediction_type not in ("epsilon", "v_prediction"):
         _unsupported(s, "prediction_type", c.prediction_type)
     stride = c.num_train_timesteps // N
     ts = s.timesteps.tolist()
-    if N >= 2 and ts[1] + stride != ts[0]:
+    if c.skip_prk_steps and N >= 2 and ts[1] + stride != ts[0]:
         # diffusers' second evaluation re-steps x0 from t1 + T//N, not from t0 where x0 lies
         _unsupported(s, "timestep_spacing", c.timestep_spacing, f"with {N} steps its first PLMS step starts at "
                      f"t = {ts[1] + stride} while the sample is at t = {ts[0]}; 'leading' always works")
     final = 1.0 if c.set_alpha_to_one else float(schedule.alphas_cumprod[0])
     # native grid with DDIM's t - T//N stride (STRIDE_PREV); _check_grid compares the N + 1 timesteps
+    # skip_prk_steps=False: 3 Runge-Kutta steps of 4 evaluations first (its timesteps list 12 of them)
+    warmup = "pseudo_improved_euler" if c.skip_prk_steps else "pseudo_runge_kutta"
     return dict(solver="plms", prediction=c.prediction_type, spacing=c.timestep_spacing, steps_offset=c.steps_offset,
-                final_alpha_cumprod=final, final_units="model"), (
+                final_alpha_cumprod=final, final_units="model", warmup=warmup), (
         "skip_prk_steps", "set_alpha_to_one", "prediction_type")
 
 

@@ -76,7 +76,7 @@ def conversion(prediction: str, space: str, abar: float, process: str = "vp") ->
 
 
 def vec(**cols: float) -> list[float]:
-    """A row over the COLUMNS (x, D, D_raw, H0, H1, H2, z) from keyword coefficients."""
+    """A row over the COLUMNS (x, P, D, D_raw, H0, H1, H2, z) from keyword coefficients."""
     from .table import COLUMNS
 
     row = [0.0] * NCOL

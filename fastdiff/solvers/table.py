@@ -3,9 +3,10 @@
 One row per model evaluation. Row r evaluates the model at the current *point* and then
 takes an affine step. With V the column vector
 
-    V = [x, D, D_raw, H0, H1, H2, z]      (COLUMNS, in this order)
+    V = [x, P, D, D_raw, H0, H1, H2, z]      (COLUMNS, in this order)
 
-where x is the solver state (float32 trajectory), D the denoised estimate from this row's
+where x is the solver state (float32 trajectory), P the point the model saw this row (x
+itself when the table has no separate points), D the denoised estimate from this row's
 model output after clipping/thresholding, D_raw the same before clipping, H_k the k-th most
 recent value pushed to the history before this row, and z standard normal noise keyed by
 (sample seed, row, STREAM_STEP, element):
@@ -19,7 +20,10 @@ recent value pushed to the history before this row, and z standard normal noise 
 
 The pushed value is an affine combination of the same vector: D for most solvers (push_row
 = e_D, the default when the table has no push_row), a past epsilon (x - alpha D) / sigma or
-raw model output for PLMS, a derivative (x - D) / sigma for LMS. One pass computes it.
+raw model output (D_raw - d_point P) / d_out for PLMS, a derivative (x - D) / sigma for LMS. One
+pass computes it. The P column lets a row read its model output back exactly when the point
+is not the state (PNDM's Runge-Kutta warm-up, fastdiff/solvers/plms.py); it costs the kernel
+one multiply-add per output, since it loads the point for D_raw anyway.
 
 `out` is the model output after guidance: out = u + w * (c - u) for the batched
 [uncond; cond] call. Everything is float64 on the host; backends cast to float32.
@@ -30,7 +34,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..columns import COLUMNS, D, D_RAW, H0, H1, H2, MAX_HISTORY, NCOL, X, Z  # noqa: F401  (the layout)
+from ..columns import COLUMNS, D, D_RAW, H0, H1, H2, MAX_HISTORY, NCOL, P, X, Z  # noqa: F401  (the layout)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ below does it inside the model call, so a graph holds it.
     pipeline                            accelerated                     refused (NotImplementedError)
     DDPMPipeline, DDIMPipeline          the loop
     StableDiffusionPipeline             the loop, CFG, guidance_rescale
-    StableDiffusionImg2ImgPipeline      strength -> init/strength
+    StableDiffusionImg2ImgPipeline      strength -> init/strength       strength < 1 with PNDM's Runge-Kutta warm-up
     StableDiffusionInpaintPipeline      9-channel U-Net, strength       4-channel U-Nets, padding_mask_crop,
                                                                         latents with strength < 1
     StableDiffusionControlNetPipeline   ControlNet + U-Net per call,    MultiControlNetModel, guess_mode

@@ -218,6 +218,13 @@ class AcceleratedPipeline(ABC):
         if a.get("latents") is not None:
             raise NotImplementedError("accelerate: latents with strength < 1 is not supported")
         timesteps, _ = pipe.get_timesteps(a["num_inference_steps"], strength, device)
+        if (type(pipe.scheduler).__name__ == "PNDMScheduler" and not pipe.scheduler.config.skip_prk_steps
+                and len(timesteps) < len(pipe.scheduler.timesteps)):
+            # diffusers cuts its N + 9 timesteps at step t_start, and its step() still takes the first 12 as
+            # Runge-Kutta sub-steps from the top level: no sampler on a grid computes that
+            raise NotImplementedError("accelerate: strength < 1 with PNDMScheduler(skip_prk_steps=False) is not "
+                                      "supported: diffusers slices the Runge-Kutta warm-up's timesteps by step "
+                                      "count and steps them from the grid's top level; use skip_prk_steps=True")
         with _recorded_add_noise(pipe.scheduler) as seen:
             prepare(timesteps[:1].repeat(batch))
         return dict(noise=seen["noise"], init=seen["init"], strength=strength)
