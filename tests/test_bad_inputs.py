@@ -203,12 +203,18 @@ def test_the_probe_is_nonfinite_exactly_when_the_tensor_is(numel, dtype):
 
 
 def test_a_finite_but_huge_epsilon_is_reported_where_the_sample_overflows():
-    """epsilon = 3e38 (finite) from step 3: D = (x - sigma eps) / alpha exceeds float32's
-    maximum 3.4e38 whenever the VE sigma (sigma / alpha) exceeds 1.2, as it does at step 3."""
+    """epsilon = 3e38 (finite) from step 3 on. DDIM is Euler in the VE coordinates x / alpha
+    (Karras et al. 2022), so with a constant epsilon x_t / alpha_t = x_3 / alpha_3 + (s_t - s_3)
+    eps after step 3 (s the VE sigma): the sample is about alpha_t (s_3 - s_t) 3e38 in size (x_3
+    is O(1)), and passes float32's maximum 3.4e38 first after step k computed here. (The torch
+    executor folds D into the update, so D = (x - sigma eps) / alpha, which alone would exceed
+    the maximum a step earlier, is never formed.)"""
     smp = Sampler(HugeFrom(3, 3e38), S, solver="ddim", steps=10)
-    t3 = smp.timesteps[3].item()
-    assert float(S.sigma_at(t3)) > 1.2  # the independent reason it must overflow there
-    with pytest.raises(FloatingPointError, match=rf"non-finite sample at step 3 \(timestep {t3:g}\): "
+    t = smp.timesteps.tolist()  # DDIM's next level is the next listed timestep on this grid
+    s = [float(S.sigma_at(v)) for v in t]
+    size = [3e38 * (s[3] - s[n]) / math.sqrt(1 + s[n] ** 2) for n in range(4, len(t))]  # after step n - 1
+    k = 3 + next(i for i, v in enumerate(size) if v > torch.finfo(torch.float32).max)
+    with pytest.raises(FloatingPointError, match=rf"non-finite sample at step {k} \(timestep {t[k]:g}\): "
                                                  "the model outputs were finite"):
         smp.sample(shape=SHAPE, seeds=[0, 1])
 
