@@ -230,7 +230,9 @@ def main(args: argparse.Namespace) -> int:
               "device": device_name, "torch": torch.__version__,
               "sampling time": f"{sum(c.seconds for c in cells) / 60:.1f} min (cells drawn in this run: "
                                f"{(time.perf_counter() - start) / 60:.1f} min with judging)",
-              "command": f"python -m fastdiff.quality_intervals --guidance-scale {args.guidance_scale:g} "
+              "command": "python -m fastdiff.quality_intervals"
+                         + (f" --model {args.model}" if args.model != "digits" else "")
+                         + f" --guidance-scale {args.guidance_scale:g} "
                          f"--num-samples {args.num_samples} --cells {args.cells}"
                          + (f" --base {args.base}" if args.base else "") + f" --out {args.out}"}
     write_markdown(cells, out, header, floor, args.base)
