@@ -124,6 +124,13 @@ def cache_path(cache: Path, spec: str, guidance_scale: float, n: int) -> Path:
     return cache / f"{name}-w{guidance_scale:g}-n{n}.safetensors"
 
 
+def model_cache(cache: Path, model: str) -> Path:
+    """The cache's folder for --model: a shipped name, or the file's whole resolved path
+    (two runs/NAME/digits.safetensors must not share cells)."""
+    key = model if not Path(model).suffix else str(Path(model).resolve()).strip("/")
+    return cache / key.replace("/", "_")
+
+
 def draw_cell(loaded, judge: Judge, spec: str, guidance_scale: float, n: int, batch: int, device,
               cache: Path | None) -> tuple[torch.Tensor, torch.Tensor, int, int, float]:
     """(features [n, F], correct [n], nfe, steps, seconds) of one cell, from the cache when there."""
@@ -218,7 +225,7 @@ def main(args: argparse.Namespace) -> int:
     judge = Judge(device)
     start = time.perf_counter()
     cells = quality(loaded, judge, specs, guidance_scale=args.guidance_scale, num_samples=args.num_samples,
-                    batch=args.batch, base=args.base, device=device, cache=Path(args.cache) / Path(args.model).stem if args.cache else None,  # a folder per --model
+                    batch=args.batch, base=args.base, device=device, cache=model_cache(Path(args.cache), args.model) if args.cache else None,
                     log=lambda line: print(line, flush=True))
     floor = real_floor(judge, args.num_samples)
     device_name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)" \

@@ -136,3 +136,12 @@ def test_quality_cell_with_another_model(tmp_path):
         feats = [draw_cell(base, judge, spec, 1.0, 2, 2, "cpu", tmp_path / "cache")[0] for spec in specs]
         assert torch.equal(feats[0], feats[1]) and not torch.allclose(feats[0], feats[2])
     assert len(list((tmp_path / "cache").iterdir())) == 3
+
+
+def test_quality_cache_has_a_folder_per_model(tmp_path):
+    from pathlib import Path
+
+    from fastdiff.quality_intervals import model_cache
+
+    folders = {model_cache(tmp_path, m) for m in ("digits", "a/digits.safetensors", "b/digits.safetensors")}
+    assert len(folders) == 3 and all(Path(f).parent == tmp_path for f in folders)
