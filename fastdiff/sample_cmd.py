@@ -1,7 +1,7 @@
 """`fastdiff sample`: the embedded digits model (or --model) into a PNG grid, or, with
 --outdir, bulk mode: one file per seed, shared among ranks, resumable (fastdiff/bulk.py).
 
-    fastdiff sample                                   # dpmpp_2m, 20 steps, guidance 3, 8 per class
+    fastdiff sample                                   # dpmpp_2m_sde, 20 steps, guidance 3, 8 per class
     fastdiff sample --solver unipc --steps 10 --classes 3,7 --per-class 16 --out sevens.png
     fastdiff sample --model run/digits.safetensors    # any saved model (its .json beside it)
     fastdiff sample --seeds 0-999 --outdir out/ [--nproc 2 | under torchrun]
@@ -21,7 +21,7 @@ import torch
 from .command_options import (add_model_arguments, guidance_scale, load_diffusion_model, model_rows, parse_classes,
                               parse_guidance_interval, rate_text, resolve_device, show_progress)
 
-DEFAULT_SOLVER, DEFAULT_STEPS, DEFAULT_PER_CLASS, DEFAULT_OUT, DEFAULT_BATCH = "dpmpp_2m", 20, 8, "samples.png", 64
+DEFAULT_SOLVER, DEFAULT_STEPS, DEFAULT_PER_CLASS, DEFAULT_OUT, DEFAULT_BATCH = "dpmpp_2m_sde", 20, 8, "samples.png", 64
 CELL_SCALE = 4  # 16x16 digits are drawn 4x larger (nearest) so the grid is readable
 GRID_FLAGS = {"per_class": "--per-class", "out": "--out", "guidance_interval": "--guidance-interval"}
 BULK_FLAGS = {"batch": "--batch", "format": "--format", "npz": "--npz", "nproc": "--nproc"}

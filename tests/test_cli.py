@@ -201,8 +201,10 @@ def test_guidance_scale_means_the_same_in_grid_and_bulk_mode(tmp_path, capsys, t
     assert code == 0 and f"a batch of {batch}," in stdout
     assert run_cli(capsys, "sample", *flags, "--outdir", tmp_path / "bulk", "--format", "npy")[0] == 0
 
+    from fastdiff.sample_cmd import DEFAULT_SOLVER
+
     m = load_pretrained(tiny_model)
-    sampler = Sampler(m.model, m.schedule, solver="dpmpp_2m", steps=2, **m.sampler_options("dpmpp_2m"))
+    sampler = Sampler(m.model, m.schedule, solver=DEFAULT_SOLVER, steps=2, **m.sampler_options(DEFAULT_SOLVER))
     y = torch.tensor([3, 3])
     want = sampler.sample(shape=(2, 1, 8, 8), seeds=[4, 5], cond={"class_labels": y},
                           uncond={"class_labels": torch.full_like(y, 10)}, guidance_scale=w)
@@ -281,7 +283,7 @@ def test_a_rerun_with_other_settings_is_refused(tmp_path, capsys, tiny_model):
     assert run_cli(capsys, *base, "--steps", 2)[0] == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     for args, fragments in ((["--steps", 3], ["--steps 3", "have 2"]),
-                            (["--steps", 2, "--solver", "ddim"], ["--solver 'ddim'", "'dpmpp_2m'"]),
+                            (["--steps", 2, "--solver", "ddim"], ["--solver 'ddim'", "'dpmpp_2m_sde'"]),
                             (["--steps", 2, "--guidance-scale", 0], ["--guidance-scale 0.0", "3.0"]),
                             (["--steps", 2, "--format", "npy"], ["--format 'npy'"]),
                             (["--steps", 3, "--nproc", 2], ["--steps 3"])):  # refused before spawning

@@ -16,7 +16,7 @@ BULK_TWIN = re.compile(r"the files of `fastdiff (sample [^`]*)`")  # the comment
 
 
 def test_readme_has_its_examples():
-    assert len(BLOCKS) >= 4 and sum("sampler_options(\"dpmpp_2m\")" in b for b in BLOCKS) >= 2
+    assert len(BLOCKS) >= 4 and sum("sampler_options(\"dpmpp_2m_sde\")" in b for b in BLOCKS) >= 2
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
