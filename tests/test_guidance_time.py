@@ -193,9 +193,11 @@ def test_cli_sample_with_an_interval_counts_its_model_rows(tmp_path, capsys):
     code, out, err = run_cli(capsys, "sample", "--steps", 6, "--classes", "1,2", "--per-class", 1,
                              "--guidance-interval", "0.28,5.42", "--out", tmp_path / "g.png", "--no-progress")
     assert code == 0, err
+    from fastdiff.sample_cmd import DEFAULT_SOLVER
+
     loaded = load_pretrained("digits")
-    options = loaded.sampler_options("dpmpp_2m")
-    sigma = Sampler(loaded.model, loaded.schedule, steps=6, **options).table.sigma.tolist()
+    options = loaded.sampler_options(DEFAULT_SOLVER)
+    sigma = Sampler(loaded.model, loaded.schedule, solver=DEFAULT_SOLVER, steps=6, **options).table.sigma.tolist()
     rows = sum(2 if inside(s, (0.28, 5.42)) else 1 for s in sigma)
     assert 6 < rows < 12 and f"{rows} rows per sample" in out and "for sigma in [0.28, 5.42]" in out
 
