@@ -38,23 +38,23 @@ class TorchExecutor:
 
     def __init__(self, table: StepTable, bufs, threshold: Thresholding, guidance_rescale: float = 0.0):
         self.table, self.bufs, self.threshold, self.phi = table, bufs, threshold, guidance_rescale
-        self.state = table.state.tolist()
+        own = _point_into_x if table.point is None else (lambda rows: rows)  # noqa: E731  (P is x there)
+        self.state = own(table.state).tolist()
         self.point = table.point.tolist() if table.point is not None else None
         self.d_point, self.d_out, self.c_in = table.d_point.tolist(), table.d_out.tolist(), table.c_in.tolist()
         self.layout = history_slots(table)
-        self.push_row = table.push_row.tolist() if table.push_row is not None else None
+        self.push_row = own(table.push_row).tolist() if table.push_row is not None else None
         self.noisy = table.uses_noise().tolist()
         # per row, on the host: whether it is folded (see above; its terms then read the guided
         # output in column D), the nonzero (column, coefficient) terms of each affine row (P is x
         # without separate points: its coefficient joins x's), whether a row reads the point it
         # also writes, and whether D goes straight into the slot it is pushed to (this row reads
         # no value held there)
-        own = (lambda row: row) if self.point is not None else _point_into_x  # noqa: E731
         self.folded = [threshold.plain and self.point is None and dest is None for _, dest in self.layout]
-        self.state_terms = [_folded(own(row), dp, do) if fold else _nonzero(own(row))
+        self.state_terms = [_folded(row, dp, do) if fold else _nonzero(row)
                             for row, dp, do, fold in zip(self.state, self.d_point, self.d_out, self.folded)]
         self.point_terms = [_nonzero(row) for row in self.point] if self.point is not None else None
-        self.push_terms = [_nonzero(own(row)) for row in self.push_row] if self.push_row is not None else None
+        self.push_terms = [_nonzero(row) for row in self.push_row] if self.push_row is not None else None
         self.reads_point = ([row[P] != 0 or prow[P] != 0 for row, prow in zip(self.state, self.point)]
                             if self.point is not None else [False] * table.rows)
         self.direct = [dest is not None and self.push_row is None and dest not in slots and threshold.plain
@@ -118,11 +118,12 @@ class TorchExecutor:
             b.write_model_input(p, self.c_in[r + 1], both=b.guided[r + 1])
 
 
-def _point_into_x(coefs: list[float]) -> list[float]:
-    """An affine row with its P coefficient added to x's (P is x when the table has no points)."""
-    folded = list(coefs)
-    folded[X] += folded[P]
-    folded[P] = 0.0
+def _point_into_x(rows: torch.Tensor) -> torch.Tensor:
+    """Affine rows [R, NCOL] with their P coefficient added to x's (P is x when the table has no
+    points), in float64 on the host: both backends execute these rows."""
+    folded = rows.clone()
+    folded[:, X] += folded[:, P]
+    folded[:, P] = 0.0
     return folded
 
 
@@ -181,9 +182,11 @@ def packed_coefficients(table: StepTable, device) -> torch.Tensor:
     """[R, 3 + 3*NCOL] float32: d_point, d_out, c_in of the next row, state row, point row, push row."""
     R = table.rows
     c_in_next = torch.cat([table.c_in[1:], table.c_in.new_zeros(1)])
-    point = table.point if table.point is not None else table.state
-    packed = torch.cat([table.d_point[:, None], table.d_out[:, None], c_in_next[:, None], table.state, point,
-                        table.push_rows()], dim=1)
+    state, push = table.state, table.push_rows()
+    if table.point is None:  # the point is the state, and P is x: rounded once, as TorchExecutor does
+        state, push = _point_into_x(state), _point_into_x(push)
+    packed = torch.cat([table.d_point[:, None], table.d_out[:, None], c_in_next[:, None], state,
+                        table.point if table.point is not None else state, push], dim=1)
     assert packed.shape == (R, 3 + 3 * NCOL)
     return packed.to(device=device, dtype=torch.float32)
 

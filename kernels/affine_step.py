@@ -75,20 +75,15 @@ def _affine_step_kernel(
         s = tl.load(thresh_ptr + b, mask=in_batch, other=1.0)
         d = tl.div_rn(tl.minimum(tl.maximum(d_raw, -s), s), s)  # IEEE division, as torch
 
-    # x_next = state . V, point' = point_row . V over V = [x, P, D, D_raw, H0, H1, H2, z];
-    # without a point P is x, and its coefficient joins x's (a scalar add)
+    # x_next = state . V, point' = point_row . V over V = [x, P, D, D_raw, H0, H1, H2, z]
+    # (without a point P is x; the executors fold its coefficient into x's on the host)
+    x_next = tl.load(r + _S + 0) * x + tl.load(r + _S + 1) * p
+    x_next += tl.load(r + _S + 2) * d + tl.load(r + _S + 3) * d_raw
     if HAS_POINT:
-        x_next = tl.load(r + _S + 0) * x + tl.load(r + _S + 1) * p
         p_next = tl.load(r + _P + 0) * x + tl.load(r + _P + 1) * p
         p_next += tl.load(r + _P + 2) * d + tl.load(r + _P + 3) * d_raw
-    else:
-        x_next = (tl.load(r + _S + 0) + tl.load(r + _S + 1)) * x
-    x_next += tl.load(r + _S + 2) * d + tl.load(r + _S + 3) * d_raw
     if PUSH:
-        if HAS_POINT:
-            q = tl.load(r + _Q + 0) * x + tl.load(r + _Q + 1) * p
-        else:
-            q = (tl.load(r + _Q + 0) + tl.load(r + _Q + 1)) * x
+        q = tl.load(r + _Q + 0) * x + tl.load(r + _Q + 1) * p
         q += tl.load(r + _Q + 2) * d + tl.load(r + _Q + 3) * d_raw
     if K >= 1:
         h = tl.load(h0_ptr + offs, mask=mask, other=0.0)
